@@ -1,0 +1,140 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, spreading each column's rounding error onto the
+columns not yet quantized through the inverse Hessian of the layer's inputs.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..quant import grid
+from ..quant.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP = 1.0  # retries multiply the dampening by 10 up to this fraction of the mean diagonal
+
+
+@dataclass
+class GPTQResult:
+    qweight: QuantizedTensor
+    loss: float  # sum over rows of the Hessian-weighted squared error GPTQ minimizes
+    damp: float  # dampening that made the Hessian positive definite
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                  clip_search: bool = False) -> GPTQResult:
+    """Quantize ``w`` [out, in] given ``hessian`` [in, in] (mean of 2·x·xᵀ over calibration tokens).
+
+    With ``act_order`` columns are processed by decreasing Hessian diagonal, while groups stay consecutive in the
+    original column order and their grids are fitted before any update ("static groups"): the result needs no
+    column permutation to store or run. Without it, each group's grid is fitted when the first column of the group is
+    reached, on the weights as updated so far.
+    """
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    n_groups = -(-in_f // gs)
+    W = w.detach().float().clone()
+    H = hessian.detach().float().clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    dev = W.device
+    scales = torch.zeros(out_f, n_groups, device=dev)
+    zeros = torch.zeros(out_f, n_groups, device=dev)
+    fitted = [False] * n_groups
+    if act_order:
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = grid.fit(W[:, g * gs : (g + 1) * gs], bits, symmetric, clip_search)
+        fitted = [True] * n_groups
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(in_f, device=dev)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    group_of = (perm // gs).tolist()  # group of each processed column
+
+    Hinv, used_damp = _inverse_cholesky(H, damp)
+
+    # Work on Wᵀ so that a column of W is a contiguous row; the per-column updates are tiny, and on a CPU they run
+    # far faster on one thread than on several (thread wake-ups dominate), so only the block GEMMs use all threads.
+    Wt = W.t().contiguous()
+    codes = torch.zeros(in_f, out_f, device=dev)
+    losses = torch.zeros(out_f, device=dev)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        B = Wt[i1:i2].clone()
+        Err = torch.zeros_like(B)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        with _single_thread(dev):
+            for i in range(i2 - i1):
+                col = i1 + i
+                g = group_of[col]
+                if not fitted[g]:
+                    # Consecutive groups (no act_order): fit on the group's current, error-updated columns.
+                    width = min(gs, in_f - col)
+                    current = torch.cat([B[i:], Wt[i2:]])[:width]
+                    s_, z_ = grid.fit(current.t(), bits, symmetric, clip_search)
+                    scales[:, g], zeros[:, g] = s_, z_
+                    fitted[g] = True
+                w = B[i]
+                s, z = scales[:, g], zeros[:, g]
+                q = grid.quantize(w, s, z, bits)
+                diff = w - grid.dequantize(q, s, z)
+                codes[col] = q
+                d = Hinv1[i, i]
+                losses += diff.square() / (2 * d * d)
+                err = diff / d
+                B[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+                Err[i] = err
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err
+
+    codes = codes.t()
+    inv = torch.argsort(perm)
+    qt = QuantizedTensor(codes[:, inv].to(torch.uint8), scales.half(), zeros.to(torch.uint8), bits, gs, symmetric)
+    return GPTQResult(qt, float(losses.sum()), used_damp)
+
+
+@contextmanager
+def _single_thread(device: torch.device):
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H⁻¹ after dampening; retries with 10x the dampening when H is not positive
+    definite (too few calibration tokens, dead inputs)."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    d = damp
+    for attempt in range(64):
+        if attempt:
+            d = min(d * 10, MAX_DAMP)
+        Hd = H.double()
+        Hd.diagonal().add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            # H⁻¹ = L⁻ᵀL⁻¹ through a triangular solve: torch.cholesky_inverse is many times slower on CPU.
+            Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device),
+                                                 upper=False)
+            Hinv = Linv.T @ Linv
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("Hessian not positive definite; dampening raised to %.3g", d)
+                return U.float(), d
+        if d >= MAX_DAMP:
+            break
+    raise ValueError(f"Hessian is not positive definite even with dampening {d:.3g}; calibrate on more or more "
+                     "varied text")

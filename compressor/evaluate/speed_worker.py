@@ -1,0 +1,83 @@
+"""Run by compressor.evaluate.speed in a fresh process: load one model, time prefill and decode, print JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import psutil
+import torch
+
+
+def main() -> None:
+    from compressor.recipe import ModelConfig, SpeedConfig
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kind", choices=["model", "checkpoint"], required=True)
+    ap.add_argument("--path", required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args()
+    cfg = SpeedConfig.model_validate_json(args.config)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    t0 = time.perf_counter()
+    if args.kind == "model":
+        from compressor.models import load
+
+        model, _, _ = load(ModelConfig.model_validate_json(args.path), device=args.device)
+    else:
+        from export.safetensors import load_checkpoint
+
+        model, _ = load_checkpoint(args.path, device=args.device)
+    load_s = time.perf_counter() - t0
+    rss_loaded = psutil.Process().memory_info().rss
+
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(0, vocab, (1, cfg.prefill_tokens), generator=gen).to(args.device)
+    prompt_ids = prefill_ids[:, : cfg.prompt_tokens] if cfg.prompt_tokens <= cfg.prefill_tokens else \
+        torch.randint(0, vocab, (1, cfg.prompt_tokens), generator=gen).to(args.device)
+
+    def timed(fn) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def generate(n: int) -> None:
+        model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        model(input_ids=prefill_ids[:, :16], use_cache=False)  # warm-up
+        prefill = [timed(lambda: model(input_ids=prefill_ids, use_cache=False)) for _ in range(cfg.repeats)]
+        generate(2)
+        one = [timed(lambda: generate(1)) for _ in range(cfg.repeats)]
+        many = [timed(lambda: generate(cfg.decode_tokens + 1)) for _ in range(cfg.repeats)]
+    decode_s = max(statistics.median(many) - statistics.median(one), 0.0) / cfg.decode_tokens
+    result = {
+        "load_seconds": round(load_s, 3),
+        "prefill_tokens_per_second": round(cfg.prefill_tokens / statistics.median(prefill), 2),
+        "decode_ms_per_token": round(decode_s * 1000, 3),
+        "rss_after_load_mb": round(rss_loaded / 2**20, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "prompt_tokens": cfg.prompt_tokens,
+        "decode_tokens": cfg.decode_tokens,
+        "prefill_tokens": cfg.prefill_tokens,
+    }
+    if args.device.startswith("cuda"):
+        result["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

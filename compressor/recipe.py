@@ -1,0 +1,320 @@
+"""Recipes: the YAML a user writes, validated before any model is loaded.
+
+Every error names the field path (``stages[0].quantize.bits``) and what would be valid. Unknown keys are errors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run, with every problem listed by field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class ModelConfig(_Strict):
+    """Where the model comes from: a bundled name, a local HF folder, a ``.gguf`` file or a hub id."""
+
+    id: str = Field(min_length=1, description="bundled name, local folder, .gguf file, or hub id")
+    gguf_file: str | None = Field(None, description="file name inside `id` when `id` is a folder holding GGUF files")
+    revision: str | None = None
+    trust_remote_code: bool = Field(False, description="run Python code shipped with a hub model; off unless asked")
+
+
+# ----------------------------------------------------------------------------------------------- data
+class DataConfig(_Strict):
+    """A text corpus: the embedded ``python-docs``, a text file, a JSONL file, or a saved HF dataset folder."""
+
+    source: str = Field("python-docs", min_length=1)
+    format: Literal["auto", "text", "jsonl", "hf-dataset"] = "auto"
+    field: str = Field("text", description="record field holding the text (JSONL, HF dataset)")
+    split: str | None = Field(None, description="built-in corpora and HF datasets: train or test (default: train "
+                                                "for calibration, test for evaluation)")
+    line_records: bool = Field(False, description="text files: each line is a record (WikiText-style raw files)")
+    join: str = Field("\n\n", description="separator placed between records")
+    max_records: int | None = Field(None, gt=0)
+
+
+class CalibrationConfig(DataConfig):
+    samples: int = Field(128, gt=0, le=100_000, description="number of calibration windows")
+    seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per window")
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="windows per forward pass while calibrating")
+
+
+class EvalDataConfig(DataConfig):
+    windows: int | None = Field(8, gt=0, description="number of non-overlapping windows (null: all)")
+    seq_len: int = Field(1024, ge=8, le=1_048_576)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+QuantMethod = Literal["rtn", "gptq"]
+
+
+class QuantizeConfig(_Strict):
+    """Weight-only quantization of linear layers."""
+
+    method: QuantMethod = "gptq"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="weights sharing one scale along the input dimension; -1: per channel")
+    symmetric: bool = True
+    act_order: bool = Field(False, description="GPTQ: process columns by decreasing Hessian diagonal "
+                                               "(groups stay static, so exports need no column reordering)")
+    damp: float = Field(0.01, gt=0, le=1, description="GPTQ: fraction of the mean Hessian diagonal added to it")
+    block_size: int = Field(128, gt=0, description="GPTQ: columns updated together")
+    clip_search: bool = Field(False, description="search a clipping ratio per group that minimizes the "
+                                                 "quantization error instead of using the full range")
+    include: tuple[str, ...] = Field((), description="regexes; only linear layers whose name matches are quantized")
+    exclude: tuple[str, ...] = Field((), description="regexes; matching linear layers stay in full precision")
+    lm_head: bool = Field(False, description="also quantize the output projection (round to nearest)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v < 8:
+            raise ValueError("group_size must be -1 (per channel) or an integer >= 8, such as 32, 64 or 128")
+        return v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "QuantizeConfig":
+        if self.method != "gptq" and self.act_order:
+            raise ValueError("act_order applies to method gptq only")
+        return self
+
+
+class QuantizeStage(_Strict):
+    quantize: QuantizeConfig
+
+
+STAGE_KINDS = ("quantize",)
+
+
+# ----------------------------------------------------------------------------------------------- export
+class SafetensorsExportConfig(_Strict):
+    format: Literal["gptq", "dense"] = Field("gptq", description="gptq: packed codes that GPTQ loaders read; "
+                                                                 "dense: dequantized weights plain transformers loads")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the tensors that are not quantized (and of dense weights)")
+    name: str | None = Field(None, description="folder name inside the run folder (default: safetensors or "
+                                               "safetensors-dense)")
+
+
+class SafetensorsExport(_Strict):
+    safetensors: SafetensorsExportConfig
+
+
+Export = SafetensorsExport
+EXPORT_KINDS = ("safetensors",)
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+Metric = Literal["perplexity", "kl_divergence", "top1_agreement", "latency", "size", "memory"]
+ALL_METRICS: tuple[str, ...] = ("perplexity", "kl_divergence", "top1_agreement", "latency", "size", "memory")
+
+
+class SpeedConfig(_Strict):
+    prompt_tokens: int = Field(128, gt=0, description="prompt length before timing decode")
+    decode_tokens: int = Field(32, gt=0, description="tokens generated one at a time with the KV cache")
+    prefill_tokens: int = Field(512, gt=0, description="prompt length for the prefill throughput")
+    repeats: int = Field(3, gt=0, description="timed repetitions; the median is reported")
+    threads: int | None = Field(None, gt=0, description="CPU threads (default: torch's default)")
+
+
+class BudgetConfig(_Strict):
+    max_perplexity_increase: float | None = Field(None, ge=0, description="relative, e.g. 0.15 = +15%")
+    max_kl_divergence: float | None = Field(None, ge=0)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    max_size_mb: float | None = Field(None, gt=0)
+
+
+class EvaluateConfig(_Strict):
+    data: EvalDataConfig = EvalDataConfig()
+    metrics: tuple[Metric, ...] = ALL_METRICS
+    speed: SpeedConfig = SpeedConfig()
+    budget: BudgetConfig | None = None
+    batch_size: int = Field(1, gt=0, description="evaluation windows per forward pass")
+
+    @model_validator(mode="after")
+    def _budget_needs_metric(self) -> "EvaluateConfig":
+        if self.budget is None:
+            return self
+        needs = {"max_perplexity_increase": "perplexity", "max_kl_divergence": "kl_divergence",
+                 "min_top1_agreement": "top1_agreement", "max_size_mb": "size"}
+        for key, metric in needs.items():
+            if getattr(self.budget, key) is not None and metric not in self.metrics:
+                raise ValueError(f"budget.{key} needs the metric {metric!r} in evaluate.metrics")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- recipe
+class Recipe(_Strict):
+    model: ModelConfig
+    calibration: CalibrationConfig | None = None
+    stages: tuple[QuantizeStage, ...] = ()
+    export: tuple[SafetensorsExport, ...] = ()
+    evaluate: EvaluateConfig | None = EvaluateConfig()
+    output: str = Field("runs/run", min_length=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            data = {**data, "model": {"id": data["model"]}}
+        if isinstance(data, dict):
+            for key, kinds in (("stages", STAGE_KINDS), ("export", EXPORT_KINDS)):
+                items = data.get(key)
+                if isinstance(items, list):
+                    data = {**data, key: [_one_key_item(key, i, item, kinds) for i, item in enumerate(items)]}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Recipe":
+        quant = self.quantize_configs()
+        if len(quant) > 1:
+            raise ValueError("stages: at most one quantize stage per recipe (got %d)" % len(quant))
+        if any(q.method == "gptq" for q in quant) and self.calibration is None:
+            raise ValueError("stages: method gptq needs a `calibration` section (text to calibrate on)")
+        for i, exp in enumerate(self.export):
+            fmt = exp.safetensors.format
+            if fmt == "gptq" and not quant:
+                raise ValueError(f"export[{i}].safetensors.format gptq needs a quantize stage; "
+                                 "use format: dense to export an unquantized model")
+        names = [self.export_name(i) for i in range(len(self.export))]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"export: two targets would write the same folder {sorted(dup)}; set `name` on one")
+        return self
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def quantize_configs(self) -> list[QuantizeConfig]:
+        return [s.quantize for s in self.stages if isinstance(s, QuantizeStage)]
+
+    def export_name(self, index: int) -> str:
+        cfg = self.export[index].safetensors
+        if cfg.name:
+            return cfg.name
+        return "safetensors" if cfg.format == "gptq" else "safetensors-dense"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe is a mapping with keys {sorted(cls.model_fields)}; "
+                              f"got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(format_validation_error(e, source)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _one_key_item(section: str, index: int, item: Any, kinds: tuple[str, ...]) -> Any:
+    """`- quantize: {...}` items must name exactly one known kind; say which kinds exist otherwise."""
+    if isinstance(item, str) and item in kinds:
+        return {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"{section}[{index}]: each item is a mapping with exactly one key, one of {list(kinds)}; "
+                         f"got {item!r}")
+    kind = next(iter(item))
+    if kind not in kinds:
+        raise ValueError(f"{section}[{index}]: unknown kind {kind!r}; allowed: {list(kinds)}")
+    if item[kind] is None:
+        return {kind: {}}
+    return item
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s):"]
+    for err in error.errors():
+        loc = _loc_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + _allowed_keys_hint(error, err["loc"])
+        elif err["type"].startswith("value_error"):
+            msg = msg.removeprefix("Value error, ")
+        got = err.get("input")
+        if err["type"] not in ("missing", "extra_forbidden", "value_error") and not isinstance(got, (dict, list)):
+            msg += f" (got {got!r})"
+        lines.append(f"  - {loc or '<recipe>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.endswith("Stage") or part in ("SafetensorsExport",):
+            continue  # union member names from pydantic are noise to a user
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _allowed_keys_hint(error: ValidationError, loc: tuple[Any, ...]) -> str:
+    model = _model_at(Recipe, loc[:-1])
+    if model is None:
+        return ""
+    return f"; allowed keys: {', '.join(sorted(model.model_fields))}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    import typing
+
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _unwrap(field.annotation, typing)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any, typing: Any) -> Any:
+    for _ in range(4):
+        args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        if not args:
+            return annotation
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        annotation = models[0] if models else args[0]
+    return annotation

@@ -1,0 +1,94 @@
+"""Run reports: budget gates, report.md and the short table the CLI prints."""
+from __future__ import annotations
+
+from typing import Any
+
+from .recipe import BudgetConfig
+
+
+def budget_failures(budget: BudgetConfig | None, baseline: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
+    if budget is None:
+        return []
+    name = artifact["name"]
+    m = artifact.get("accuracy", {})
+    fails = []
+    if budget.max_perplexity_increase is not None and "perplexity" in m:
+        increase = m["perplexity"] / baseline["accuracy"]["perplexity"] - 1
+        if increase > budget.max_perplexity_increase:
+            fails.append(f"{name}: perplexity {m['perplexity']:.3f} is {increase:+.1%} over the baseline "
+                         f"{baseline['accuracy']['perplexity']:.3f}; budget max_perplexity_increase "
+                         f"{budget.max_perplexity_increase:.1%}")
+    if budget.max_kl_divergence is not None and "kl_divergence" in m and m["kl_divergence"] > budget.max_kl_divergence:
+        fails.append(f"{name}: KL divergence {m['kl_divergence']:.4f} > budget {budget.max_kl_divergence}")
+    if budget.min_top1_agreement is not None and "top1_agreement" in m and \
+            m["top1_agreement"] < budget.min_top1_agreement:
+        fails.append(f"{name}: top-1 agreement {m['top1_agreement']:.3f} < budget {budget.min_top1_agreement}")
+    size = artifact.get("size", {}).get("bytes")
+    if budget.max_size_mb is not None and size is not None and size / 1e6 > budget.max_size_mb:
+        fails.append(f"{name}: size {size / 1e6:.1f} MB > budget {budget.max_size_mb} MB")
+    return fails
+
+
+_COLUMNS = [  # (header, getter, format)
+    ("artifact", lambda r: r["name"], "{}"),
+    ("runtime", lambda r: r.get("runtime"), "{}"),
+    ("ppl", lambda r: r.get("accuracy", {}).get("perplexity"), "{:.3f}"),
+    ("Δppl", lambda r: r.get("accuracy", {}).get("perplexity_increase"), "{:+.2%}"),
+    ("KL", lambda r: r.get("accuracy", {}).get("kl_divergence"), "{:.4f}"),
+    ("top-1", lambda r: r.get("accuracy", {}).get("top1_agreement"), "{:.3f}"),
+    ("size MB", lambda r: _mb(r.get("size", {}).get("bytes")), "{:.1f}"),
+    ("bits/w", lambda r: r.get("size", {}).get("bits_per_weight"), "{:.2f}"),
+    ("decode ms/tok", lambda r: r.get("speed", {}).get("decode_ms_per_token"), "{:.2f}"),
+    ("prefill tok/s", lambda r: r.get("speed", {}).get("prefill_tokens_per_second"), "{:.0f}"),
+    ("peak RSS MB", lambda r: r.get("speed", {}).get("peak_rss_mb"), "{:.0f}"),
+]
+
+
+def _mb(b: int | None) -> float | None:
+    return None if b is None else b / 1e6
+
+
+def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [report["baseline"], *report["artifacts"]]
+
+
+def table(report: dict[str, Any]) -> list[list[str]]:
+    out = [[c[0] for c in _COLUMNS]]
+    for r in rows(report):
+        line = []
+        for _, get, fmt in _COLUMNS:
+            v = get(r)
+            line.append("-" if v is None else fmt.format(v))
+        out.append(line)
+    return out
+
+
+def text_table(report: dict[str, Any]) -> str:
+    t = table(report)
+    widths = [max(len(row[i]) for row in t) for i in range(len(t[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in t)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    t = table(report)
+    lines = [f"# Compression report: {report['model']['id']}", ""]
+    lines += [f"- Created: {report['created']} by compressor {report['compressor_version']}",
+              f"- Baseline: {report['baseline']['description']}",
+              f"- Evaluation: {report['evaluation']['description']}"]
+    if report.get("calibration"):
+        lines.append(f"- Calibration: {report['calibration']['description']}")
+    lines.append(f"- Speed: {report['speed_protocol']}")
+    verdict = "passed" if report["passed"] else "FAILED"
+    lines += [f"- Budget: {verdict}" + ("" if report["passed"] else ": " + "; ".join(report["failures"])), ""]
+    lines += ["| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in t[1:]]
+    for stage in report["stages"]:
+        lines += ["", f"## Stage: {stage['kind']} ({stage['seconds']:.1f} s)", "",
+                  ", ".join(f"{k}={v}" for k, v in stage["summary"].items())]
+        if stage["layers"]:
+            keys = list(stage["layers"][0])
+            lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in stage["layers"]]
+    for note in report.get("notes", []):
+        lines += ["", f"> {note}"]
+    return "\n".join(lines) + "\n"

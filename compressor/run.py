@@ -1,0 +1,381 @@
+"""Orchestration of `compress run`: check, load, compress, export, evaluate, report. No math lives here."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from . import __version__, data, models
+from .evaluate import speed
+from .evaluate.accuracy import TorchRuntime, compare
+from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir
+from .recipe import Recipe
+from .report import budget_failures, markdown
+from .stages import StageContext, apply_stage
+from .stages.quantize import check_shapes, select_linears
+
+log = logging.getLogger("compressor")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or finish, with what to do about it."""
+
+
+@dataclass
+class RunResult:
+    output: Path
+    report: dict[str, Any]
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Timings:
+    values: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("%s ...", name)
+        yield
+        self.values[name] = round(time.perf_counter() - start, 3)
+        log.info("%s done in %.1fs", name, self.values[name])
+
+
+def preflight(recipe: Recipe, overwrite: bool = False) -> Path:
+    """Everything that can be checked before the model is loaded."""
+    out = Path(recipe.output)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunError(f"output {out} already holds a run; pass --overwrite to replace it, or set another output")
+    for section, cfg, split in (("calibration", recipe.calibration, "train"),
+                                ("evaluate.data", recipe.evaluate.data if recipe.evaluate else None, "test")):
+        if cfg is not None:
+            try:
+                data.load_text(cfg, split)
+            except data.DataError as e:
+                raise RunError(f"{section}: {e}") from None
+    if recipe.calibration and recipe.evaluate and data.same_text(recipe.calibration, recipe.evaluate.data):
+        log.warning("calibration and evaluation read the same text (%s); the reported accuracy will be optimistic",
+                    recipe.calibration.source)
+    models.resolve(recipe.model)
+    return out
+
+
+def run(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
+    """Run a recipe end to end; the run folder appears at `recipe.output` only when everything is written."""
+    out = preflight(recipe, overwrite)
+    device = _device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    timings = _Timings()
+    work = out.with_name(f".{out.name}.partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        result = _run_in(recipe, work, device, timings)
+        replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    result.output = out
+    return result
+
+
+def _device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RunError("device: cuda requested but no CUDA GPU is visible to torch; use device: auto or cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunResult:
+    with timings.phase("load model"):
+        model, tokenizer, source = models.load(recipe.model, device=device)
+    params = models.parameter_count(model)
+    log.info("model: %s (%s, %.1fM parameters)", recipe.model.id, model.config.model_type, params / 1e6)
+
+    quant = recipe.quantize_configs()
+    if quant:
+        packed = any(e.safetensors.format == "gptq" for e in recipe.export)
+        check_shapes(select_linears(model, quant[0]), quant[0], packed_export=packed)
+    _check_lengths(recipe, model)
+
+    with timings.phase("prepare data"):
+        calib = data.calibration_windows(tokenizer, recipe.calibration) if recipe.calibration else None
+        windows = data.evaluation_windows(tokenizer, recipe.evaluate.data) if recipe.evaluate else None
+    baseline = copy.deepcopy(model) if recipe.evaluate else None
+
+    ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size if recipe.calibration else 8,
+                       device=device)
+    stage_reports = []
+    for i, stage in enumerate(recipe.stages):
+        kind = type(stage).__name__.removesuffix("Stage").lower()
+        with timings.phase(f"stage {i + 1}/{len(recipe.stages)}: {kind}"):
+            stage_reports.append(apply_stage(stage, model, ctx).to_dict())
+
+    artifacts = []
+    for i, target in enumerate(recipe.export):
+        name = recipe.export_name(i)
+        cfg = target.safetensors
+        with timings.phase(f"export {name}"):
+            from export.safetensors import write_dense, write_gptq
+
+            with atomic_dir(work / name) as tmp:
+                if cfg.format == "gptq":
+                    write_gptq(model, tokenizer, tmp, dtype=cfg.dtype,
+                               extra_config={"damp_percent": quant[0].damp if quant else None})
+                else:
+                    write_dense(model, tokenizer, tmp, dtype=cfg.dtype)
+        artifacts.append({"name": name, "format": f"safetensors-{cfg.format}", "path": name,
+                          "runtime": "torch (transformers)", "files": file_hashes(work / name)})
+
+    report: dict[str, Any] = {
+        "compressor_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"id": recipe.model.id, "source": source.describe(), "model_type": model.config.model_type,
+                  "parameters": params},
+        "stages": stage_reports,
+        "calibration": _describe_calibration(recipe, calib),
+        "artifacts": artifacts,
+        "notes": [],
+    }
+    failures: list[str] = []
+    if recipe.evaluate:
+        _evaluate(recipe, report, work, baseline, model, windows, device, params, timings)
+        for art in report["artifacts"]:
+            art["budget_failures"] = budget_failures(recipe.evaluate.budget, report["baseline"], art)
+            failures += art["budget_failures"]
+    report["passed"] = not failures
+    report["failures"] = failures
+    report["timings"] = timings.values
+    atomic_write_text(work / "report.json", _json(report))
+    atomic_write_text(work / "report.md", markdown(report) if recipe.evaluate else "")
+    atomic_write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    atomic_write_text(work / "run.json", _json(_run_record(recipe, report, device)))
+    return RunResult(work, report, not failures, failures)
+
+
+def _check_lengths(recipe: Recipe, model: torch.nn.Module) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for field_name, cfg in (("calibration.seq_len", recipe.calibration),
+                            ("evaluate.data.seq_len", recipe.evaluate.data if recipe.evaluate else None)):
+        if cfg is not None and cfg.seq_len > limit:
+            raise RunError(f"{field_name} {cfg.seq_len} exceeds the model's context of {limit} tokens")
+
+
+def _describe_calibration(recipe: Recipe, calib: torch.Tensor | None) -> dict[str, Any] | None:
+    if calib is None or recipe.calibration is None:
+        return None
+    c = recipe.calibration
+    split = c.split or "train"
+    return {"source": c.source, "split": split, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
+            "description": f"{c.samples} x {c.seq_len} tokens from {c.source} ({split}), seed {c.seed}"}
+
+
+def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torch.nn.Module,
+              compressed: torch.nn.Module, windows: torch.Tensor, device: str, params: int,
+              timings: _Timings) -> None:
+    from export.safetensors import load_checkpoint
+
+    ev = recipe.evaluate
+    d = ev.data
+    report["evaluation"] = {
+        "source": d.source, "split": d.split or "test", "windows": int(windows.shape[0]), "seq_len": d.seq_len,
+        "tokens_scored": int(windows.shape[0] * (d.seq_len - 1)), "metrics": list(ev.metrics),
+        "description": f"{windows.shape[0]} windows x {d.seq_len} tokens of {d.source} ({d.split or 'test'}), "
+                       f"same windows for every model",
+    }
+    report["speed_protocol"] = (f"batch 1 on {device}, {torch.get_num_threads()} threads; decode = ms per generated "
+                                f"token after a {ev.speed.prompt_tokens}-token prompt ({ev.speed.decode_tokens} "
+                                f"tokens); prefill = tokens/s on a {ev.speed.prefill_tokens}-token prompt; peak RSS "
+                                f"of a fresh process that loads the artifact and runs both; median of "
+                                f"{ev.speed.repeats}")
+    is_gguf = recipe.model.id.endswith(".gguf") or models.resolve(recipe.model).gguf_file
+    report["baseline"] = {
+        "name": "baseline", "runtime": "torch (transformers)",
+        "description": f"{recipe.model.id} in float32" + (" (dequantized from its GGUF file)" if is_gguf else ""),
+        "size": {"bytes": params * 4, "bits_per_weight": 32.0, "note": "float32 parameters in memory"},
+    }
+    runtimes = []
+    if report["artifacts"]:
+        for art in report["artifacts"]:
+            with timings.phase(f"load {art['name']} for evaluation"):
+                loaded, _ = load_checkpoint(work / art["path"], device=device)
+            runtimes.append(TorchRuntime(art["name"], loaded, device))
+    else:
+        report["artifacts"].append({"name": "in-memory", "format": "torch", "runtime": "torch (in memory)"})
+        runtimes.append(TorchRuntime("in-memory", compressed, device))
+
+    metrics = set(ev.metrics)
+    if metrics & {"perplexity", "kl_divergence", "top1_agreement"}:
+        with timings.phase("evaluate accuracy"):
+            acc = compare(TorchRuntime("baseline", baseline, device), runtimes, windows, ev.batch_size)
+        base_ppl = acc["baseline"]["perplexity"]
+        report["baseline"]["accuracy"] = acc["baseline"]
+        for art in report["artifacts"]:
+            a = acc[art["name"]]
+            a["perplexity_increase"] = a["perplexity"] / base_ppl - 1
+            art["accuracy"] = {k: v for k, v in a.items() if _wanted(k, metrics)}
+    del runtimes
+
+    for art in report["artifacts"]:
+        if "files" in art:
+            weights = sum(_bytes(work / art["path"] / f) for f in art["files"] if f.endswith(".safetensors"))
+            art["size"] = {"bytes": speed.directory_bytes(work / art["path"]), "weights_bytes": weights,
+                           "bits_per_weight": weights * 8 / params,
+                           "compression_vs_fp16": params * 2 / weights if weights else None}
+    if metrics & {"latency", "memory"}:
+        with timings.phase("measure speed and memory (fresh process per model)"):
+            report["baseline"]["speed"] = speed.measure("model", recipe.model.model_dump_json(), ev.speed, device)
+            for art in report["artifacts"]:
+                if "files" in art:
+                    art["speed"] = speed.measure("checkpoint", str(work / art["path"]), ev.speed, device)
+        if report["baseline"]["speed"]["decode_ms_per_token"]:
+            for art in report["artifacts"]:
+                if "speed" in art and art["speed"]["decode_ms_per_token"]:
+                    art["speed"]["decode_speedup"] = (report["baseline"]["speed"]["decode_ms_per_token"]
+                                                      / art["speed"]["decode_ms_per_token"])
+        report["notes"].append("The torch runtime of GPTQ checkpoints dequantizes weights on the fly in plain "
+                               "PyTorch on CPU (a reference path, not a fused kernel): its speed shows the cost of "
+                               "that path, not what a low-bit kernel would give.")
+
+
+def _wanted(key: str, metrics: set[str]) -> bool:
+    if key in ("perplexity", "perplexity_increase"):
+        return "perplexity" in metrics
+    if key in ("kl_divergence", "top1_agreement"):
+        return key in metrics
+    return True
+
+
+def _bytes(p: Path) -> int:
+    return p.stat().st_size
+
+
+def _run_record(recipe: Recipe, report: dict[str, Any], device: str) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "recipe": recipe.to_dict(),
+        "seed": recipe.seed,
+        "device": device,
+        "versions": {"compressor": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "platform": platform.platform(),
+        "timings_seconds": report["timings"],
+        "artifacts": {a["name"]: a.get("files", {}) for a in report["artifacts"]},
+    }
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+# ------------------------------------------------------------------------------------- standalone checks
+def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict[str, Any] | None = None,
+                      device: str = "auto") -> dict[str, Any]:
+    """Evaluate an exported checkpoint against a baseline. Defaults come from the run folder the artifact sits in
+    (its run.json): the same baseline model and the same evaluation windows as the run."""
+    from .recipe import EvaluateConfig, ModelConfig, RecipeError
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RunError(f"{path}: not an exported checkpoint folder (no config.json)")
+    record_file = path.parent / "run.json"
+    record = __import__("json").loads(record_file.read_text()) if record_file.is_file() else None
+    if model is None:
+        if record is None:
+            raise RunError(f"{path}: no run.json beside it to name the baseline; pass --baseline MODEL")
+        model_cfg = ModelConfig.model_validate(record["recipe"]["model"])
+    else:
+        model_cfg = ModelConfig(id=model)
+    ev_data = dict((record or {}).get("recipe", {}).get("evaluate") or {})
+    ev_data.update(evaluate or {})
+    try:
+        ev = EvaluateConfig.model_validate(ev_data)
+    except Exception as e:
+        raise RecipeError(f"evaluate options: {e}") from None
+    device = _device(device)
+    timings = _Timings()
+    with timings.phase("load baseline"):
+        baseline, tokenizer, source = models.load(model_cfg, device=device)
+    windows = data.evaluation_windows(tokenizer, ev.data)
+    params = models.parameter_count(baseline)
+    recipe = Recipe(model=model_cfg, evaluate=ev, output=str(path.parent))
+    report: dict[str, Any] = {
+        "compressor_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"id": model_cfg.id, "source": source.describe(), "model_type": baseline.config.model_type,
+                  "parameters": params},
+        "stages": [], "calibration": None, "notes": [],
+        "artifacts": [{"name": path.name, "format": _format_of(path), "path": path.name,
+                       "runtime": "torch (transformers)", "files": file_hashes(path)}],
+    }
+    _evaluate(recipe, report, path.parent, baseline, None, windows, device, params, timings)
+    failures = budget_failures(ev.budget, report["baseline"], report["artifacts"][0])
+    report["passed"], report["failures"], report["timings"] = not failures, failures, timings.values
+    return report
+
+
+def _format_of(path: Path) -> str:
+    from export.safetensors import read_quantization_config
+
+    q = read_quantization_config(path)
+    return "safetensors-dense" if q is None else f"safetensors-{q.get('quant_method')}"
+
+
+def inspect_artifact(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint folder holds: format, architecture, quantization settings, per-layer layout, sizes."""
+    import json
+
+    from safetensors import safe_open
+
+    from export.safetensors import read_quantization_config
+
+    path = Path(path)
+    if (path / "report.json").is_file() and not (path / "config.json").is_file():
+        return json.loads((path / "report.json").read_text())
+    if not (path / "config.json").is_file():
+        raise RunError(f"{path}: neither a run folder (report.json) nor a checkpoint folder (config.json)")
+    config = json.loads((path / "config.json").read_text())
+    q = read_quantization_config(path)
+    layers: dict[str, dict[str, Any]] = {}
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                sl = sf.get_slice(key)
+                shape = sl.get_shape()
+                module, _, kind = key.rpartition(".")
+                n = 1
+                for s in shape:
+                    n *= s
+                total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}.get(
+                    sl.get_dtype(), 4)
+                layers.setdefault(module, {})[kind] = {"shape": shape, "dtype": sl.get_dtype()}
+    quantized = sorted(m for m, t in layers.items() if "qweight" in t)
+    return {
+        "path": str(path), "format": _format_of(path), "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"), "num_hidden_layers": config.get("num_hidden_layers"),
+        "hidden_size": config.get("hidden_size"), "quantization_config": q,
+        "quantized_layers": len(quantized), "tensors_bytes": total,
+        "files_bytes": speed.directory_bytes(path),
+        "layers": {m: layers[m] for m in quantized} if quantized else {},
+    }

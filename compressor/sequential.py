@@ -1,0 +1,210 @@
+"""The layer-by-layer calibration runner shared by every calibration-driven stage.
+
+It captures the inputs of decoder block 0 for all calibration windows, then for each block: collects the statistics
+a stage asks for on the inputs of the block's linear layers, lets the stage change the block, and runs the changed
+block to produce the inputs of the next one. Only the current block needs to be on the compute device.
+
+Within a block, linear layers that read the same tensor (q/k/v, gate/up) form one *input group* with one statistic.
+Groups are processed in execution order ("true sequential"): the statistics of a later group are collected after the
+earlier groups were changed, so each layer is calibrated on the inputs it will really see. Collecting a group's
+statistics stops the block's forward pass right after that group's input is seen, which keeps the cost of this to
+about one extra forward pass per block.
+
+The runner knows no algorithm: a stage says which linears it wants, what to accumulate, and what to do with a group.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .models import decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+class Accumulator(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+class LayerwiseStage(Protocol):
+    """What a calibration-driven stage gives the runner."""
+
+    def wants(self, name: str, module: nn.Module) -> bool:
+        """Whether the linear `name` (qualified, e.g. model.layers.3.mlp.down_proj) is calibrated by this stage."""
+
+    def accumulator(self, module: nn.Module) -> Accumulator:
+        """A fresh statistic for the inputs of `module` (shared by the modules of its input group)."""
+
+    def process(self, block_index: int, block: nn.Module, group: dict[str, tuple[nn.Module, Accumulator]]) -> None:
+        """Change the layers of one input group (names are qualified) given their shared statistic."""
+
+
+class HessianAccumulator:
+    """H = 2/n Σ x xᵀ over all n input rows (tokens), accumulated in float32 on the input's device."""
+
+    def __init__(self, features: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(features, features, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.t(), x)
+        self.rows += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise ValueError("no calibration tokens reached this layer")
+        return self.sum * (2.0 / self.rows)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needs has been seen."""
+
+
+@dataclass
+class _Captured:
+    hidden: list[torch.Tensor]  # per batch: the input of the current block
+    kwargs: list[list[dict[str, Any]]]  # per block, per batch: keyword arguments the model passed that block
+
+
+def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage, *, batch_size: int = 8,
+                  device: torch.device | str = "cpu", label: str = "calibrate") -> None:
+    """Run `stage` over every decoder block of `model` on calibration `windows` [n, seq_len]."""
+    layers = decoder_layers(model)
+    captured = _capture_inputs(model, layers, windows, batch_size, device)
+    start = time.perf_counter()
+    known: dict[tuple[str, ...], list[list[str]]] = {}  # blocks of one layout share their input groups
+    for index, block in enumerate(layers):
+        prefix = _prefix(model, block)
+        home = next(block.parameters()).device
+        block.to(device)
+        wanted = tuple(n for n, m in block.named_modules()
+                       if isinstance(m, nn.Linear) and stage.wants(f"{prefix}.{n}", m))
+        if wanted not in known:
+            known[wanted] = [[n[len(prefix) + 1:] for n in g] for g in
+                             _input_groups(block, prefix, captured.hidden[0], captured.kwargs[index][0], stage)]
+        groups = [[f"{prefix}.{n}" for n in g] for g in known[wanted]]
+        for names in groups:
+            _process_group(block, prefix, names, captured, index, stage)
+        with torch.no_grad():
+            captured.hidden = [_output(block(h, **kw)) for h, kw in zip(captured.hidden, captured.kwargs[index])]
+        block.to(home)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (index + 1) * (len(layers) - index - 1)
+        log.info("%s: block %d/%d done, elapsed %.0fs, ETA %.0fs", label, index + 1, len(layers), elapsed, eta)
+
+
+def _prefix(model: nn.Module, block: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is block:
+            return name
+    raise ValueError("block is not part of the model")
+
+
+def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
+                    device: torch.device | str) -> _Captured:
+    """Run the model's embedding and mask/rotary preparation for every batch, recording what each block receives;
+    the blocks themselves are replaced by pass-throughs so nothing else is computed."""
+    captured = _Captured(hidden=[], kwargs=[[] for _ in layers])
+    embed = model.get_input_embeddings()
+    moved = [m for m in (embed, getattr(model.model, "rotary_emb", None)) if m is not None]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
+    for m in moved:
+        m.to(device)
+
+    def recorder(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+            kwargs["use_cache"] = False
+            captured.kwargs[index].append(kwargs)
+            if index == 0:
+                captured.hidden.append(hidden)
+            if index == len(layers) - 1:
+                raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:
+        layer.forward = _passthrough  # instance attribute: hooks still run, the block's math does not
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            del layer.forward
+        for m, home in zip(moved, homes):
+            m.to(home)
+    return captured
+
+
+def _passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
+
+
+def _output(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def _input_groups(block: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict[str, Any],
+                  stage: LayerwiseStage) -> list[list[str]]:
+    """Wanted linears grouped by the input tensor they read, in execution order (found on one batch)."""
+    seen: list[tuple[str, torch.Tensor, int]] = []
+    handles = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) and stage.wants(f"{prefix}.{name}", module):
+            def hook(mod, args, _name=f"{prefix}.{name}"):
+                seen.append((_name, args[0], args[0]._version))
+            handles.append(module.register_forward_pre_hook(hook))
+    if not handles:
+        return []
+    try:
+        with torch.no_grad():
+            block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last: tuple[torch.Tensor, int] | None = None
+    for name, tensor, version in seen:
+        if last is not None and tensor is last[0] and version == last[1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = (tensor, version)
+    return groups
+
+
+def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _Captured, index: int,
+                   stage: LayerwiseStage) -> None:
+    modules = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names}
+    first = modules[names[0]]
+    acc = stage.accumulator(first)
+
+    def hook(mod, args):
+        acc.add(args[0])
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for h, kw in zip(captured.hidden, captured.kwargs[index]):
+                try:
+                    block(h, **kw)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    stage.process(index, block, {n: (m, acc) for n, m in modules.items()})

@@ -1,0 +1,129 @@
+"""The quantize stage: choose the linear layers, check their shapes, and quantize them (RTN or GPTQ)."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import torch
+from torch import nn
+
+from ..algorithms.gptq import gptq_quantize
+from ..models import decoder_layers, output_projection
+from ..quant.tensor import QuantizedTensor, QuantLinear, quantize_rtn
+from ..recipe import QuantizeConfig
+from ..sequential import HessianAccumulator, run_layerwise
+from .base import StageContext, StageReport, set_submodule
+
+log = logging.getLogger(__name__)
+
+
+class ShapeError(ValueError):
+    """A layer shape that the requested quantization or export cannot represent."""
+
+
+def select_linears(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Linear]:
+    """Linear layers of the decoder blocks (and the output projection if asked) that the recipe quantizes."""
+    layers = decoder_layers(model)
+    chosen: dict[str, nn.Linear] = {}
+    prefix = {id(b): n for n, b in model.named_modules()}
+    for block in layers:
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                full = f"{prefix[id(block)]}.{name}"
+                if _selected(full, cfg):
+                    chosen[full] = module
+    if cfg.lm_head:
+        head = output_projection(model)
+        if head is None:
+            raise ShapeError("quantize.lm_head: the model has no linear output projection named lm_head")
+        chosen["lm_head"] = head
+    if not chosen:
+        raise ShapeError("quantize: no linear layer matches include/exclude "
+                         f"(include={list(cfg.include)}, exclude={list(cfg.exclude)})")
+    return chosen
+
+
+def _selected(name: str, cfg: QuantizeConfig) -> bool:
+    if cfg.include and not any(re.search(p, name) for p in cfg.include):
+        return False
+    return not any(re.search(p, name) for p in cfg.exclude)
+
+
+def check_shapes(targets: dict[str, nn.Linear], cfg: QuantizeConfig, packed_export: bool) -> None:
+    """Refuse, before any long work, group sizes and packings that a layer's shape cannot hold."""
+    problems = []
+    for name, module in targets.items():
+        out_f, in_f = module.weight.shape
+        if cfg.group_size != -1 and in_f % cfg.group_size:
+            divisors = [g for g in (32, 64, 128, 256) if in_f % g == 0] or ["-1 (per channel)"]
+            problems.append(f"{name}: in_features {in_f} is not a multiple of group_size {cfg.group_size} "
+                            f"(group sizes that fit: {', '.join(map(str, divisors))})")
+        elif packed_export and (in_f * cfg.bits) % 32 or packed_export and (out_f * cfg.bits) % 32:
+            problems.append(f"{name}: shape {out_f}x{in_f} cannot be packed into 32-bit words at {cfg.bits} bits "
+                            f"for the GPTQ format; export format: dense can hold it")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ShapeError("quantize: " + "; ".join(problems[:5]) + more)
+
+
+def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> StageReport:
+    start = time.perf_counter()
+    targets = select_linears(model, cfg)
+    report = StageReport("quantize", summary={"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+                                              "symmetric": cfg.symmetric, "act_order": cfg.act_order,
+                                              "layers": len(targets)})
+    head = targets.pop("lm_head", None)
+    if cfg.method == "rtn":
+        for i, (name, module) in enumerate(targets.items()):
+            _replace(model, name, module, _rtn(module, cfg), report, loss=None, damp=None)
+            if (i + 1) % 50 == 0 or i + 1 == len(targets):
+                log.info("quantize rtn: %d/%d layers", i + 1, len(targets))
+    else:
+        if ctx.calibration is None:
+            raise ValueError("quantize gptq needs calibration windows")
+        run_layerwise(model, ctx.calibration, _GPTQStage(model, cfg, set(targets), report),
+                      batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq")
+    if head is not None:
+        # The head sees the final hidden states, which the block-wise runner never collects: round to nearest.
+        _replace(model, "lm_head", head, _rtn(head, cfg), report, loss=None, damp=None)
+        model.config.tie_word_embeddings = False
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _rtn(module: nn.Linear, cfg: QuantizeConfig) -> QuantizedTensor:
+    return quantize_rtn(module.weight.detach().cpu(), cfg.bits, cfg.group_size, cfg.symmetric, cfg.clip_search)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Linear, qt: QuantizedTensor, report: StageReport,
+             loss: float | None, damp: float | None) -> None:
+    device = module.weight.device
+    bias = module.bias.detach() if module.bias is not None else None
+    qt = QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.bits, qt.group_size,
+                         qt.symmetric)
+    set_submodule(model, name, QuantLinear(qt, bias))
+    row = {"name": name, "shape": list(qt.shape), "bits": qt.bits, "group_size": qt.group_size}
+    if loss is not None:
+        row["gptq_loss"] = round(loss, 6)
+        row["damp"] = damp
+    report.layers.append(row)
+
+
+class _GPTQStage:
+    def __init__(self, model: nn.Module, cfg: QuantizeConfig, names: set[str], report: StageReport) -> None:
+        self.model, self.cfg, self.names, self.report = model, cfg, names, report
+
+    def wants(self, name: str, module: nn.Module) -> bool:
+        return name in self.names
+
+    def accumulator(self, module: nn.Module) -> HessianAccumulator:
+        return HessianAccumulator(module.in_features, module.weight.device)
+
+    def process(self, block_index: int, block: nn.Module, group) -> None:
+        cfg = self.cfg
+        for name, (module, acc) in group.items():
+            res = gptq_quantize(module.weight.detach(), acc.hessian, cfg.bits, cfg.group_size, cfg.symmetric,
+                                act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size,
+                                clip_search=cfg.clip_search)
+            _replace(self.model, name, module, res.qweight, self.report, loss=res.loss, damp=res.damp)

