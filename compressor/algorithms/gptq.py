@@ -24,42 +24,61 @@ class GPTQResult:
     damp: float  # dampening that made the Hessian positive definite
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+@dataclass
+class HessianFactor:
+    """What GPTQ needs from a Hessian, computed once for all layers that read the same input."""
+
+    hinv: torch.Tensor  # upper Cholesky factor of the dampened inverse Hessian, in processing order
+    perm: torch.Tensor  # processing order of the columns
+    dead: torch.Tensor  # inputs that were always zero
+    damp: float
+
+
+def factorize(hessian: torch.Tensor, act_order: bool = False, damp: float = 0.01) -> HessianFactor:
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    hinv, used = _inverse_cholesky(H[perm][:, perm], damp)
+    return HessianFactor(hinv, perm, dead, used)
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int, symmetric: bool,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  clip_search: bool = False) -> GPTQResult:
-    """Quantize ``w`` [out, in] given ``hessian`` [in, in] (mean of 2·x·xᵀ over calibration tokens).
+                  clip_search: bool = False, factor: HessianFactor | None = None) -> GPTQResult:
+    """Quantize ``w`` [out, in] given ``hessian`` [in, in] (mean of 2·x·xᵀ over calibration tokens), or its
+    precomputed ``factor``.
 
     With ``act_order`` columns are processed by decreasing Hessian diagonal, while groups stay consecutive in the
     original column order and their grids are fitted before any update ("static groups"): the result needs no
     column permutation to store or run. Without it, each group's grid is fitted when the first column of the group is
     reached, on the weights as updated so far.
     """
+    if factor is None:
+        if hessian is None:
+            raise ValueError("gptq_quantize needs a hessian or its factor")
+        factor = factorize(hessian, act_order, damp)
     out_f, in_f = w.shape
     gs = in_f if group_size == -1 else group_size
     n_groups = -(-in_f // gs)
     W = w.detach().float().clone()
-    H = hessian.detach().float().clone()
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
+    W[:, factor.dead] = 0
     dev = W.device
     scales = torch.zeros(out_f, n_groups, device=dev)
     zeros = torch.zeros(out_f, n_groups, device=dev)
     fitted = [False] * n_groups
-    if act_order:
+    perm = factor.perm
+    if not torch.equal(perm, torch.arange(in_f, device=perm.device)):
+        # Static groups: every grid is fitted on the original weights before columns are visited out of order.
         for g in range(n_groups):
             scales[:, g], zeros[:, g] = grid.fit(W[:, g * gs : (g + 1) * gs], bits, symmetric, clip_search)
         fitted = [True] * n_groups
-        perm = torch.argsort(torch.diag(H), descending=True)
-    else:
-        perm = torch.arange(in_f, device=dev)
     W = W[:, perm]
-    H = H[perm][:, perm]
     group_of = (perm // gs).tolist()  # group of each processed column
-
-    Hinv, used_damp = _inverse_cholesky(H, damp)
+    Hinv = factor.hinv
 
     # Work on Wᵀ so that a column of W is a contiguous row; the per-column updates are tiny, and on a CPU they run
     # far faster on one thread than on several (thread wake-ups dominate), so only the block GEMMs use all threads.
@@ -97,7 +116,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     codes = codes.t()
     inv = torch.argsort(perm)
     qt = QuantizedTensor(codes[:, inv].to(torch.uint8), scales.half(), zeros.to(torch.uint8), bits, gs, symmetric)
-    return GPTQResult(qt, float(losses.sum()), used_damp)
+    return GPTQResult(qt, float(losses.sum()), factor.damp)
 
 
 @contextmanager
@@ -117,23 +136,20 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     """Upper Cholesky factor of H⁻¹ after dampening; retries with 10x the dampening when H is not positive
     definite (too few calibration tokens, dead inputs)."""
     mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     d = damp
     for attempt in range(64):
         if attempt:
             d = min(d * 10, MAX_DAMP)
-        Hd = H.double()
-        Hd.diagonal().add_(d * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(H + (d * mean_diag) * eye)
         if info == 0:
             # H⁻¹ = L⁻ᵀL⁻¹ through a triangular solve: torch.cholesky_inverse is many times slower on CPU.
-            Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device),
-                                                 upper=False)
-            Hinv = Linv.T @ Linv
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            U, info = torch.linalg.cholesky_ex(Linv.T @ Linv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
                 if attempt:
                     log.warning("Hessian not positive definite; dampening raised to %.3g", d)
-                return U.float(), d
+                return U, d
         if d >= MAX_DAMP:
             break
     raise ValueError(f"Hessian is not positive definite even with dampening {d:.3g}; calibrate on more or more "

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from ..algorithms.gptq import gptq_quantize
+from ..algorithms.gptq import factorize, gptq_quantize
 from ..models import decoder_layers, output_projection
 from ..quant.tensor import QuantizedTensor, QuantLinear, quantize_rtn
 from ..recipe import QuantizeConfig
@@ -122,8 +122,10 @@ class _GPTQStage:
 
     def process(self, block_index: int, block: nn.Module, group) -> None:
         cfg = self.cfg
-        for name, (module, acc) in group.items():
-            res = gptq_quantize(module.weight.detach(), acc.hessian, cfg.bits, cfg.group_size, cfg.symmetric,
-                                act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size,
-                                clip_search=cfg.clip_search)
+        _, acc = next(iter(group.values()))
+        factor = factorize(acc.hessian, cfg.act_order, cfg.damp)  # shared by the group: one input, one Hessian
+        for name, (module, _) in group.items():
+            res = gptq_quantize(module.weight.detach(), None, cfg.bits, cfg.group_size, cfg.symmetric,
+                                act_order=cfg.act_order, block_size=cfg.block_size, clip_search=cfg.clip_search,
+                                factor=factor)
             _replace(self.model, name, module, res.qweight, self.report, loss=res.loss, damp=res.damp)
