@@ -102,7 +102,7 @@ def main() -> None:
     runtimes = []
     for name, r in results.items():
         if r["kind"] == "ours":
-            model, _ = load_checkpoint(Path(r["dir"]) / "gptq")
+            model, _ = load_checkpoint(Path(r["dir"]) / "gptq", materialize=True)
         else:
             model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
             state = load_file(str(Path(r["dir"]) / "dense.safetensors"))

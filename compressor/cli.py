@@ -31,6 +31,16 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         pass
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler's kill, `timeout`) cleans up like Ctrl-C: no half-written run folder stays behind."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _fail(msg: str, code: int = EXIT_INPUT) -> None:
     click.echo(f"error: {msg}", err=True)
     sys.exit(code)
@@ -76,6 +86,7 @@ def run(recipe: Path, output: str | None, overwrite: bool, quiet: bool, verbose:
     from .run import RunError, run as run_recipe
     from .stages.quantize import ShapeError
 
+    _terminate_as_interrupt()
     try:
         result = run_recipe(r, overwrite=overwrite)
     except (RunError, ModelError, DataError, ShapeError) as e:

@@ -18,6 +18,7 @@ import yaml
 from . import __version__, data, models
 from .evaluate import speed
 from .evaluate.accuracy import TorchRuntime, compare
+from .quant.tensor import QuantLinear
 from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir
 from .recipe import Recipe
 from .report import budget_failures, markdown
@@ -215,10 +216,14 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
     if report["artifacts"]:
         for art in report["artifacts"]:
             with timings.phase(f"load {art['name']} for evaluation"):
-                loaded, _ = load_checkpoint(work / art["path"], device=device)
+                loaded, _ = load_checkpoint(work / art["path"], device=device, materialize=device == "cpu")
             runtimes.append(TorchRuntime(art["name"], loaded, device))
     else:
         report["artifacts"].append({"name": "in-memory", "format": "torch", "runtime": "torch (in memory)"})
+        if device == "cpu":
+            for m in compressed.modules():
+                if isinstance(m, QuantLinear):
+                    m.materialize()
         runtimes.append(TorchRuntime("in-memory", compressed, device))
 
     metrics = set(ev.metrics)
@@ -250,9 +255,12 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                 if "speed" in art and art["speed"]["decode_ms_per_token"]:
                     art["speed"]["decode_speedup"] = (report["baseline"]["speed"]["decode_ms_per_token"]
                                                       / art["speed"]["decode_ms_per_token"])
-        report["notes"].append("The torch runtime of GPTQ checkpoints dequantizes weights on the fly in plain "
-                               "PyTorch on CPU (a reference path, not a fused kernel): its speed shows the cost of "
-                               "that path, not what a low-bit kernel would give.")
+        report["notes"].append(_CPU_NOTE)
+
+
+_CPU_NOTE = ("On CPU the torch runtime dequantizes GPTQ layers once when it loads them (PyTorch has no fast low-bit "
+             "CPU kernel), so its decode speed is that of float32 and its memory includes the dequantized weights; "
+             "the file size is the deployable gain. Low-bit speed comes with the GGUF/ONNX runtimes and GPU kernels.")
 
 
 def _wanted(key: str, metrics: set[str]) -> bool:

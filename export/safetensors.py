@@ -147,9 +147,11 @@ def read_quantization_config(directory: Path) -> dict[str, Any] | None:
     return q
 
 
-def load_checkpoint(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_checkpoint(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    materialize: bool = False):
     """Load a dense or GPTQ-format checkpoint into a transformers model (GPTQ layers become QuantLinear).
 
+    With `materialize`, quantized layers also keep their dequantized weights (see QuantLinear.materialize).
     Returns (model, tokenizer); tokenizer is None when the folder has none.
     """
     from accelerate import init_empty_weights
@@ -184,6 +186,10 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype = torch.float32, d
             m.scales = m.scales.to(torch.float16)
     model.eval().to(device)
     model.requires_grad_(False)
+    if materialize:
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.materialize(dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
     return model, tokenizer
 

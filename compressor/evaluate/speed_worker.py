@@ -32,7 +32,7 @@ def main() -> None:
     else:
         from export.safetensors import load_checkpoint
 
-        model, _ = load_checkpoint(args.path, device=args.device)
+        model, _ = load_checkpoint(args.path, device=args.device, materialize=args.device == "cpu")
     load_s = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss
 

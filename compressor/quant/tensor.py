@@ -111,8 +111,14 @@ class QuantLinear(nn.Module):
         """Dequantized weight, for code that reads `.weight` (e.g. tied heads, dtype probes)."""
         return self.qweight.dequantize(self.scales.dtype if self.scales.is_cuda else torch.float32)
 
+    def materialize(self, dtype: torch.dtype = torch.float32) -> None:
+        """Keep the dequantized weight (exactly what forward would compute) for fast inference where no low-bit
+        kernel exists; memory becomes that of a dense layer plus the codes."""
+        self.register_buffer("dense", self.qweight.dequantize(dtype), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qweight.dequantize(x.dtype)
+        dense = getattr(self, "dense", None)
+        w = dense.to(x.dtype) if dense is not None else self.qweight.dequantize(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
