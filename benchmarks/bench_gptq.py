@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "gptq")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--only", help="comma-separated substrings of the variant names to run")
+    ap.add_argument("--only", help="comma-separated exact variant names to run (default: all)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -85,8 +85,11 @@ def main() -> None:
                 continue
             variants.append((name, [str(py), str(ROOT / "benchmarks/peers" / script)] + PEER_ARGS, "peer"))
     if args.only:
-        keys = args.only.split(",")
-        variants = [v for v in variants if any(k in v[0] for k in keys)]
+        keys = [k.strip() for k in args.only.split(",")]
+        unknown = set(keys) - {v[0] for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {[v[0] for v in variants]}")
+        variants = [v for v in variants if v[0] in keys]
 
     results = {}
     for name, cmd, kind in variants:
@@ -122,7 +125,8 @@ def main() -> None:
     record = {"date": dt.date.today().isoformat(), "machine": platform.platform(), "cpu_threads":
               torch.get_num_threads(), "windows": int(windows.shape[0]), "seq_len": 2048, "metrics": metrics,
               "results": results, "table": table}
-    (args.out / "results.json").write_text(json.dumps(record, indent=2))
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (args.out / f"results-{stamp}.json").write_text(json.dumps(record, indent=2))
 
 
 def _slug(name: str) -> str:

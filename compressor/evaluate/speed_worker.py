@@ -67,7 +67,7 @@ def main() -> None:
         "prefill_tokens_per_second": round(cfg.prefill_tokens / statistics.median(prefill), 2),
         "decode_ms_per_token": round(decode_s * 1000, 3),
         "rss_after_load_mb": round(rss_loaded / 2**20, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
         "threads": torch.get_num_threads(),
         "device": args.device,
         "prompt_tokens": cfg.prompt_tokens,
@@ -77,6 +77,19 @@ def main() -> None:
     if args.device.startswith("cuda"):
         result["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print(json.dumps(result))
+
+
+def _peak_rss_bytes() -> int:
+    """This process's own peak: VmHWM belongs to its address space, whereas ru_maxrss survives exec and would
+    report the parent's footprint at fork time."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":
