@@ -21,6 +21,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     if quiet:
         import os
 
+        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization bar
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

@@ -27,7 +27,7 @@ def test_quickstart_on_the_real_model(tmp_path):
 
     res = CliRunner().invoke(main, ["run", str(path), "--quiet", "--json"])
     assert res.exit_code == 0, res.output  # includes the recipe's budget: perplexity within +15%
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     base, art = report["baseline"], report["artifacts"][0]
     assert 5 < base["accuracy"]["perplexity"] < 100  # a trained model on English text, not a random one
     acc = art["accuracy"]

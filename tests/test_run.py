@@ -92,7 +92,7 @@ def test_cli_run_json_then_eval_and_inspect(model_dir_factory, tmp_path):
                          export=[{"safetensors": {"format": "gptq"}}, {"safetensors": {"format": "dense"}}])
     res = CliRunner().invoke(main, ["run", str(_write(tmp_path, recipe)), "--json", "--quiet"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     names = [a["name"] for a in report["artifacts"]]
     assert names == ["safetensors", "safetensors-dense"]
     gptq, dense = report["artifacts"]
@@ -102,7 +102,7 @@ def test_cli_run_json_then_eval_and_inspect(model_dir_factory, tmp_path):
 
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "run" / "safetensors"), "--json", "--quiet"])
     assert res.exit_code == 0, res.output
-    again = json.loads(res.output)["artifacts"][0]["accuracy"]
+    again = json.loads(res.stdout)["artifacts"][0]["accuracy"]
     assert again["perplexity"] == pytest.approx(gptq["accuracy"]["perplexity"], rel=1e-6)
 
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "run" / "safetensors")])
