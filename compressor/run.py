@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import logging
 import platform
 import shutil
@@ -240,7 +241,8 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
 
     for art in report["artifacts"]:
         if "files" in art:
-            weights = sum(_bytes(work / art["path"] / f) for f in art["files"] if f.endswith(".safetensors"))
+            weights = sum((work / art["path"] / f).stat().st_size for f in art["files"]
+                          if f.endswith(".safetensors"))
             art["size"] = {"bytes": speed.directory_bytes(work / art["path"]), "weights_bytes": weights,
                            "bits_per_weight": weights * 8 / params,
                            "compression_vs_fp16": params * 2 / weights if weights else None}
@@ -271,10 +273,6 @@ def _wanted(key: str, metrics: set[str]) -> bool:
     return True
 
 
-def _bytes(p: Path) -> int:
-    return p.stat().st_size
-
-
 def _run_record(recipe: Recipe, report: dict[str, Any], device: str) -> dict[str, Any]:
     import transformers
 
@@ -291,8 +289,6 @@ def _run_record(recipe: Recipe, report: dict[str, Any], device: str) -> dict[str
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2, default=str) + "\n"
 
 
@@ -307,7 +303,7 @@ def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict
     if not (path / "config.json").is_file():
         raise RunError(f"{path}: not an exported checkpoint folder (no config.json)")
     record_file = path.parent / "run.json"
-    record = __import__("json").loads(record_file.read_text()) if record_file.is_file() else None
+    record = json.loads(record_file.read_text()) if record_file.is_file() else None
     if model is None:
         if record is None:
             raise RunError(f"{path}: no run.json beside it to name the baseline; pass --baseline MODEL")
@@ -351,8 +347,6 @@ def _format_of(path: Path) -> str:
 
 def inspect_artifact(path: str | Path) -> dict[str, Any]:
     """What a checkpoint folder holds: format, architecture, quantization settings, per-layer layout, sizes."""
-    import json
-
     from safetensors import safe_open
 
     from export.safetensors import read_quantization_config

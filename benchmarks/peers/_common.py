@@ -36,6 +36,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def prepare(args):
+    """Thread count, calibration windows and model dtype, as every runner needs them first."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_calib(args.calib), getattr(torch, args.dtype)
+
+
 def load_calib(path: str):
     import torch
     from safetensors.torch import load_file

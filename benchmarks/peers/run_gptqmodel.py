@@ -68,15 +68,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from importlib.metadata import version
 
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    calib = _common.load_calib(args.calib)
+    calib, dtype = _common.prepare(args)
     n, seq_len = calib.shape
-    dtype = getattr(torch, args.dtype)
 
     qkw = dict(bits=args.bits, group_size=args.group_size, sym=args.sym,
                desc_act=bool(args.act_order), damp_percent=args.damp)

@@ -84,8 +84,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from importlib.metadata import version
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -94,9 +92,8 @@ def main(argv=None) -> int:
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    calib = _common.load_calib(args.calib)
+    calib, dtype = _common.prepare(args)
     n, seq_len = calib.shape
-    dtype = getattr(torch, args.dtype)
 
     wargs = dict(num_bits=args.bits, type="int", symmetric=args.sym)
     if args.group_size == -1:
