@@ -137,7 +137,7 @@ def validate(recipe: Path, check_model: bool, as_json: bool) -> None:
 
 
 @main.command("eval")
-@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
 @click.option("--baseline", help="Baseline model (default: the model of the run the artifact belongs to).")
 @click.option("--data", "source", help="Evaluation text: python-docs, a text file or a JSONL file.")
 @click.option("--windows", type=int, help="Number of evaluation windows.")
@@ -181,10 +181,10 @@ def _merge_data(artifact: Path, overrides: dict) -> dict:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def inspect(path: Path, as_json: bool) -> None:
-    """Describe a checkpoint folder or a run folder."""
+    """Describe a checkpoint folder, a GGUF file (or its folder) or a run folder."""
     from .run import RunError, inspect_artifact
 
     try:
@@ -198,6 +198,12 @@ def inspect(path: Path, as_json: bool) -> None:
         from .report import text_table
 
         click.echo(text_table(info))
+        return
+    if info["format"].startswith("gguf"):
+        for key in ("path", "format", "architecture", "tokenizer_model", "tensors", "tensors_bytes", "file_bytes"):
+            click.echo(f"{key}: {info[key]}")
+        click.echo("tensor types: " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()))
+        click.echo("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in info["hyperparameters"].items()))
         return
     for key in ("path", "format", "model_type", "num_hidden_layers", "hidden_size", "quantized_layers",
                 "tensors_bytes", "files_bytes"):

@@ -5,10 +5,11 @@ Every error names the field path (``stages[0].quantize.bits``) and what would be
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, \
+    model_validator
 
 
 class RecipeError(ValueError):
@@ -63,7 +64,7 @@ class QuantizeConfig(_Strict):
     """Weight-only quantization of linear layers."""
 
     method: QuantMethod = "gptq"
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: Literal[2, 3, 4, 5, 8] = Field(4, description="2, 3, 4 and 8 fit the GPTQ format; 5 fits GGUF Q5_0/Q5_1")
     group_size: int = Field(128, description="weights sharing one scale along the input dimension; -1: per channel")
     symmetric: bool = True
     act_order: bool = Field(False, description="GPTQ: process columns by decreasing Hessian diagonal "
@@ -123,8 +124,56 @@ class SafetensorsExport(_Strict):
     safetensors: SafetensorsExportConfig
 
 
-Export = SafetensorsExport
-EXPORT_KINDS = ("safetensors",)
+def _gguf_type(value: Any, allowed: tuple[str, ...], what: str) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.upper() not in allowed:
+        raise ValueError(f"{what} {value!r} is not a GGUF type this exporter writes; allowed: "
+                         f"{', '.join(t.lower() for t in allowed)}")
+    return value.upper()
+
+
+class GGUFExportConfig(_Strict):
+    type: str = Field("Q4_0", description="file type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (written here, "
+                                          "calibrated codes kept when their grid matches) or a llama.cpp mix such "
+                                          "as q4_k_m (quantized by llama.cpp)")
+    embedding_type: str | None = Field(None, description="type of token_embd (default: llama.cpp's choice)")
+    output_type: str | None = Field(None, description="type of the output projection (default: llama.cpp's choice)")
+    imatrix: bool | None = Field(None, description="guide llama.cpp's quantizer with an importance matrix from the "
+                                                   "calibration data (default: when there is calibration data)")
+    name: str | None = Field(None, description="folder name inside the run folder (default: gguf)")
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: Any) -> Any:
+        from export.gguf_types import FILE_TYPES
+
+        return _gguf_type(v, FILE_TYPES, "type")
+
+    @field_validator("embedding_type", "output_type")
+    @classmethod
+    def _tensor_type(cls, v: Any) -> Any:
+        from export.gguf_types import TENSOR_TYPES
+
+        return _gguf_type(v, TENSOR_TYPES, "tensor type")
+
+
+class GGUFExport(_Strict):
+    gguf: GGUFExportConfig
+
+
+EXPORT_KINDS = ("safetensors", "gguf")
+# Items arrive as one-key mappings (see _one_key_item); the key picks the model, so errors speak of that one only.
+
+
+def _export_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return next(iter(value)) if len(value) == 1 else None
+    return "gguf" if isinstance(value, GGUFExport) else "safetensors"
+
+
+Export = Annotated[Union[Annotated[SafetensorsExport, Tag("safetensors")], Annotated[GGUFExport, Tag("gguf")]],
+                   Discriminator(_export_kind)]
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -171,7 +220,7 @@ class Recipe(_Strict):
     model: ModelConfig
     calibration: CalibrationConfig | None = None
     stages: tuple[QuantizeStage, ...] = ()
-    export: tuple[SafetensorsExport, ...] = ()
+    export: tuple[Export, ...] = ()
     evaluate: EvaluateConfig | None = EvaluateConfig()
     output: str = Field("runs/run", min_length=1)
     seed: int = 0
@@ -197,10 +246,18 @@ class Recipe(_Strict):
         if any(q.method == "gptq" for q in quant) and self.calibration is None:
             raise ValueError("stages: method gptq needs a `calibration` section (text to calibrate on)")
         for i, exp in enumerate(self.export):
+            if isinstance(exp, GGUFExport):
+                if exp.gguf.imatrix and self.calibration is None:
+                    raise ValueError(f"export[{i}].gguf.imatrix needs a `calibration` section (the text whose "
+                                     "activations weigh the quantization error)")
+                continue
             fmt = exp.safetensors.format
             if fmt == "gptq" and not quant:
                 raise ValueError(f"export[{i}].safetensors.format gptq needs a quantize stage; "
                                  "use format: dense to export an unquantized model")
+            if fmt == "gptq" and quant[0].bits not in (2, 3, 4, 8):
+                raise ValueError(f"export[{i}].safetensors.format gptq holds 2, 3, 4 or 8-bit codes, the quantize "
+                                 f"stage makes {quant[0].bits}-bit ones; use format: dense or a gguf export")
         names = [self.export_name(i) for i in range(len(self.export))]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -212,7 +269,10 @@ class Recipe(_Strict):
         return [s.quantize for s in self.stages if isinstance(s, QuantizeStage)]
 
     def export_name(self, index: int) -> str:
-        cfg = self.export[index].safetensors
+        target = self.export[index]
+        if isinstance(target, GGUFExport):
+            return target.gguf.name or "gguf"
+        cfg = target.safetensors
         if cfg.name:
             return cfg.name
         return "safetensors" if cfg.format == "gptq" else "safetensors-dense"
@@ -275,46 +335,47 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 
 def _loc_path(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(_user_loc(loc)):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and part.endswith("Stage") or part in ("SafetensorsExport",):
-            continue  # union member names from pydantic are noise to a user
         else:
             out += ("." if out else "") + str(part)
     return out
 
 
+def _user_loc(loc: tuple[Any, ...]) -> list[Any]:
+    """The error location without what pydantic adds for unions: member class names and discriminator tags (a tag
+    repeats the one key of a `- kind: {...}` item)."""
+    parts = [p for p in loc if not (isinstance(p, str) and (p.endswith("Stage") or p.endswith("Export")))]
+    return [p for i, p in enumerate(parts) if not (isinstance(p, str) and i + 1 < len(parts) and parts[i + 1] == p)]
+
+
 def _allowed_keys_hint(error: ValidationError, loc: tuple[Any, ...]) -> str:
-    model = _model_at(Recipe, loc[:-1])
+    model = _model_at(Recipe, tuple(_user_loc(loc))[:-1])
     if model is None:
         return ""
     return f"; allowed keys: {', '.join(sorted(model.model_fields))}"
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    import typing
-
-    current: Any = model
+    candidates: list[type[BaseModel]] = [model]
     for part in loc:
         if isinstance(part, int):
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        fields = [c.model_fields[part] for c in candidates if part in c.model_fields]
+        if not fields:
             return None
-        field = current.model_fields.get(part)
-        if field is None:
-            return None
-        current = _unwrap(field.annotation, typing)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+        candidates = _models_in(fields[0].annotation)
+    return candidates[0] if len(candidates) == 1 else None
 
 
-def _unwrap(annotation: Any, typing: Any) -> Any:
-    for _ in range(4):
-        args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            return annotation
-        if not args:
-            return annotation
-        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        annotation = models[0] if models else args[0]
-    return annotation
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Pydantic models an annotation may hold (through Optional, unions, tuples, Annotated)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found += [m for m in _models_in(arg) if m not in found]
+    return found

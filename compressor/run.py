@@ -72,7 +72,36 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Path:
         log.warning("calibration and evaluation read the same text (%s); the reported accuracy will be optimistic",
                     recipe.calibration.source)
     models.resolve(recipe.model)
+    _preflight_gguf(recipe)
     return out
+
+
+def _preflight_gguf(recipe: Recipe) -> None:
+    import importlib.util
+
+    from export.gguf import needs_llama_quantizer
+    from export.gguf_types import BLOCK_GRIDS
+
+    quant = recipe.quantize_configs()
+    for i, target in enumerate(recipe.export):
+        cfg = getattr(target, "gguf", None)
+        if cfg is None:
+            continue
+        needs = needs_llama_quantizer(cfg.type, cfg.embedding_type, cfg.output_type)
+        if (needs or recipe.evaluate) and importlib.util.find_spec("llama_cpp") is None:
+            why = "its llama.cpp types" if needs else "checking it in llama.cpp (evaluate)"
+            raise RunError(f"export[{i}].gguf: {why} needs llama-cpp-python: "
+                           "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python")
+        if quant and cfg.type in BLOCK_GRIDS:
+            q = quant[0]
+            if (q.bits, q.symmetric, q.group_size) not in ((*BLOCK_GRIDS[cfg.type], 32),):
+                log.warning("export[%d].gguf: %s holds %d-bit %s groups of 32, the quantize stage makes %d-bit %s "
+                            "groups of %d: its weights will be rounded a second time", i, cfg.type,
+                            BLOCK_GRIDS[cfg.type][0], "symmetric" if BLOCK_GRIDS[cfg.type][1] else "asymmetric",
+                            q.bits, "symmetric" if q.symmetric else "asymmetric", q.group_size)
+        elif quant and cfg.type not in ("F32", "F16", "BF16"):
+            log.warning("export[%d].gguf: llama.cpp's %s cannot hold the calibrated codes; it re-quantizes the "
+                        "dequantized weights", i, cfg.type)
 
 
 def run(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
@@ -111,8 +140,14 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
 
     quant = recipe.quantize_configs()
     if quant:
-        packed = any(e.safetensors.format == "gptq" for e in recipe.export)
+        packed = any(getattr(e, "safetensors", None) and e.safetensors.format == "gptq" for e in recipe.export)
         check_shapes(select_linears(model, quant[0]), quant[0], packed_export=packed)
+    for i, target in enumerate(recipe.export):
+        if getattr(target, "gguf", None):
+            from export.gguf import check_model
+
+            check_model(model, target.gguf.type, target.gguf.embedding_type, target.gguf.output_type,
+                        f"export[{i}].gguf")
     _check_lengths(recipe, model)
 
     with timings.phase("prepare data"):
@@ -129,20 +164,11 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
             stage_reports.append(apply_stage(stage, model, ctx).to_dict())
 
     artifacts = []
+    stats: dict[str, Any] = {}  # computed once, shared by the exports that need them
     for i, target in enumerate(recipe.export):
         name = recipe.export_name(i)
-        cfg = target.safetensors
         with timings.phase(f"export {name}"):
-            from export.safetensors import write_dense, write_gptq
-
-            with atomic_dir(work / name) as tmp:
-                if cfg.format == "gptq":
-                    write_gptq(model, tokenizer, tmp, dtype=cfg.dtype,
-                               extra_config={"damp_percent": quant[0].damp if quant else None})
-                else:
-                    write_dense(model, tokenizer, tmp, dtype=cfg.dtype)
-        artifacts.append({"name": name, "format": f"safetensors-{cfg.format}", "path": name,
-                          "runtime": "torch (transformers)", "files": file_hashes(work / name)})
+            artifacts.append(_export(target, name, work, model, tokenizer, source, quant, calib, ctx, stats))
 
     report: dict[str, Any] = {
         "compressor_version": __version__,
@@ -156,7 +182,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
     }
     failures: list[str] = []
     if recipe.evaluate:
-        _evaluate(recipe, report, work, baseline, model, windows, device, params, timings)
+        _evaluate(recipe, report, work, baseline, model, windows, device, params, timings, tokenizer)
         for art in report["artifacts"]:
             art["budget_failures"] = budget_failures(recipe.evaluate.budget, report["baseline"], art)
             failures += art["budget_failures"]
@@ -168,6 +194,45 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
     atomic_write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_text(work / "run.json", _json(_run_record(recipe, report, device)))
     return RunResult(work, report, not failures, failures)
+
+
+def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenizer: Any, source: models.ModelSource,
+            quant: list[Any], calib: torch.Tensor | None, ctx: StageContext, stats: dict[str, Any]) -> dict[str, Any]:
+    from .recipe import GGUFExport
+
+    if isinstance(target, GGUFExport):
+        from export.gguf import gguf_file_name, needs_llama_quantizer, write_gguf
+
+        cfg = target.gguf
+        imatrix = None
+        use_imatrix = cfg.imatrix if cfg.imatrix is not None else calib is not None
+        if use_imatrix and needs_llama_quantizer(cfg.type, cfg.embedding_type, cfg.output_type):
+            if "imatrix" not in stats:
+                from .activation_stats import mean_squared_inputs
+
+                stats["imatrix"] = mean_squared_inputs(model, calib, ctx.batch_size, ctx.device)
+            imatrix = stats["imatrix"]
+        source_gguf = Path(source.path) / source.gguf_file if source.gguf_file and source.kind != "hub" else None
+        with atomic_dir(work / name) as tmp:
+            summary = write_gguf(model, tokenizer, tmp / gguf_file_name(model, cfg.type), cfg.type,
+                                 embedding_type=cfg.embedding_type, output_type=cfg.output_type, imatrix=imatrix,
+                                 source_gguf=source_gguf)
+        for line in summary.notes:
+            log.warning("export %s: %s", name, line)
+        return {"name": name, "format": f"gguf-{cfg.type}", "path": name, "runtime": "llama.cpp (llama-cpp-python)",
+                "files": file_hashes(work / name), "gguf": summary.to_dict()}
+
+    from export.safetensors import write_dense, write_gptq
+
+    cfg = target.safetensors
+    with atomic_dir(work / name) as tmp:
+        if cfg.format == "gptq":
+            write_gptq(model, tokenizer, tmp, dtype=cfg.dtype,
+                       extra_config={"damp_percent": quant[0].damp if quant else None})
+        else:
+            write_dense(model, tokenizer, tmp, dtype=cfg.dtype)
+    return {"name": name, "format": f"safetensors-{cfg.format}", "path": name, "runtime": "torch (transformers)",
+            "files": file_hashes(work / name)}
 
 
 def _check_lengths(recipe: Recipe, model: torch.nn.Module) -> None:
@@ -191,7 +256,7 @@ def _describe_calibration(recipe: Recipe, calib: torch.Tensor | None) -> dict[st
 
 def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torch.nn.Module,
               compressed: torch.nn.Module, windows: torch.Tensor, device: str, params: int,
-              timings: _Timings) -> None:
+              timings: _Timings, tokenizer: Any = None) -> None:
     from export.safetensors import load_checkpoint
 
     ev = recipe.evaluate
@@ -217,6 +282,12 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
     if report["artifacts"]:
         for art in report["artifacts"]:
             with timings.phase(f"load {art['name']} for evaluation"):
+                if art["format"].startswith("gguf"):
+                    from .evaluate.llama_cpp_runtime import LlamaCppRuntime
+
+                    runtimes.append(LlamaCppRuntime(art["name"], _gguf_file(work / art["path"]), d.seq_len,
+                                                    ev.speed.threads))
+                    continue
                 loaded, _ = load_checkpoint(work / art["path"], device=device, materialize=device == "cpu")
             runtimes.append(TorchRuntime(art["name"], loaded, device))
     else:
@@ -237,12 +308,26 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
             a = acc[art["name"]]
             a["perplexity_increase"] = a["perplexity"] / base_ppl - 1
             art["accuracy"] = {k: v for k, v in a.items() if _wanted(k, metrics)}
+    for rt in runtimes:
+        if hasattr(rt, "close"):
+            rt.close()
     del runtimes
+    for art in report["artifacts"]:
+        if art["format"].startswith("gguf") and tokenizer is not None:
+            from .evaluate.llama_cpp_runtime import tokenizer_agreement
+
+            texts = _sample_texts(d)
+            art["tokenizer_check"] = tokenizer_agreement(_gguf_file(work / art["path"]), tokenizer, texts)
+            check = art["tokenizer_check"]
+            if check["identical"] != check["texts"]:
+                report["notes"].append(f"{art['name']}: llama.cpp tokenizes {check['texts'] - check['identical']} of "
+                                       f"{check['texts']} sample texts differently from the HF tokenizer (accuracy "
+                                       "above was measured on the same token ids, so it is unaffected)")
 
     for art in report["artifacts"]:
         if "files" in art:
             weights = sum((work / art["path"] / f).stat().st_size for f in art["files"]
-                          if f.endswith(".safetensors"))
+                          if f.endswith((".safetensors", ".gguf")))
             art["size"] = {"bytes": speed.directory_bytes(work / art["path"]), "weights_bytes": weights,
                            "bits_per_weight": weights * 8 / params,
                            "compression_vs_fp16": params * 2 / weights if weights else None}
@@ -250,7 +335,9 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
         with timings.phase("measure speed and memory (fresh process per model)"):
             report["baseline"]["speed"] = speed.measure("model", recipe.model.model_dump_json(), ev.speed, device)
             for art in report["artifacts"]:
-                if "files" in art:
+                if art["format"].startswith("gguf"):
+                    art["speed"] = speed.measure("gguf", str(_gguf_file(work / art["path"])), ev.speed, "cpu")
+                elif "files" in art:
                     art["speed"] = speed.measure("checkpoint", str(work / art["path"]), ev.speed, device)
         if report["baseline"]["speed"]["decode_ms_per_token"]:
             for art in report["artifacts"]:
@@ -258,6 +345,20 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                     art["speed"]["decode_speedup"] = (report["baseline"]["speed"]["decode_ms_per_token"]
                                                       / art["speed"]["decode_ms_per_token"])
         report["notes"].append(_CPU_NOTE)
+
+
+def _gguf_file(folder: Path) -> Path:
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) != 1:
+        raise RunError(f"{folder}: expected one .gguf file, found {len(files)}")
+    return files[0]
+
+
+def _sample_texts(cfg: Any, count: int = 16, chars: int = 400) -> list[str]:
+    """Pieces of the evaluation text for the tokenizer check: whole records where short, else their start."""
+    records = [r for r in data.load_records(cfg, "test") if r.strip()]
+    step = max(1, len(records) // count)
+    return [r[:chars] for r in records[::step][:count]]
 
 
 _CPU_NOTE = ("On CPU the torch runtime dequantizes GPTQ layers once when it loads them (PyTorch has no fast low-bit "
@@ -300,8 +401,11 @@ def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict
     from .recipe import EvaluateConfig, ModelConfig, RecipeError
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise RunError(f"{path}: not an exported checkpoint folder (no config.json)")
+    if path.suffix == ".gguf" and path.is_file():
+        path = path.parent
+    if not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
+        raise RunError(f"{path}: not an exported artifact (a checkpoint folder with config.json, a GGUF file, or a "
+                       "folder holding one)")
     record_file = path.parent / "run.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else None
     if model is None:
@@ -330,9 +434,10 @@ def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict
                   "parameters": params},
         "stages": [], "calibration": None, "notes": [],
         "artifacts": [{"name": path.name, "format": _format_of(path), "path": path.name,
-                       "runtime": "torch (transformers)", "files": file_hashes(path)}],
+                       "runtime": "torch (transformers)" if (path / "config.json").is_file() else
+                       "llama.cpp (llama-cpp-python)", "files": file_hashes(path)}],
     }
-    _evaluate(recipe, report, path.parent, baseline, None, windows, device, params, timings)
+    _evaluate(recipe, report, path.parent, baseline, None, windows, device, params, timings, tokenizer)
     failures = budget_failures(ev.budget, report["baseline"], report["artifacts"][0])
     report["passed"], report["failures"], report["timings"] = not failures, failures, timings.values
     return report
@@ -341,6 +446,10 @@ def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict
 def _format_of(path: Path) -> str:
     from export.safetensors import read_quantization_config
 
+    if not (path / "config.json").is_file() and list(path.glob("*.gguf")):
+        from export.gguf import file_type_of
+
+        return f"gguf-{file_type_of(_gguf_file(path))}"
     q = read_quantization_config(path)
     return "safetensors-dense" if q is None else f"safetensors-{q.get('quant_method')}"
 
@@ -354,6 +463,10 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if (path / "report.json").is_file() and not (path / "config.json").is_file():
         return json.loads((path / "report.json").read_text())
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file() and list(path.glob("*.gguf"))):
+        from export.gguf import describe_gguf
+
+        return describe_gguf(path if path.suffix == ".gguf" else _gguf_file(path))
     if not (path / "config.json").is_file():
         raise RunError(f"{path}: neither a run folder (report.json) nor a checkpoint folder (config.json)")
     config = json.loads((path / "config.json").read_text())

@@ -7,8 +7,9 @@ block to produce the inputs of the next one. Only the current block needs to be 
 Within a block, linear layers that read the same tensor (q/k/v, gate/up) form one *input group* with one statistic.
 Groups are processed in execution order ("true sequential"): the statistics of a later group are collected after the
 earlier groups were changed, so each layer is calibrated on the inputs it will really see. Collecting a group's
-statistics stops the block's forward pass right after that group's input is seen, which keeps the cost of this to
-about one extra forward pass per block.
+statistics stops the block's forward pass right after that group's input is seen, and a group inside the same child
+module as the previous one (down after gate/up in `mlp`) runs only that child on its recorded inputs, which keeps
+the cost of this to about one extra forward pass per block.
 
 The runner knows no algorithm: a stage says which linears it wants, what to accumulate, and what to do with a group.
 """
@@ -47,20 +48,26 @@ class LayerwiseStage(Protocol):
 class HessianAccumulator:
     """H = 2/n Σ x xᵀ over all n input rows (tokens), accumulated in float32 on the input's device."""
 
+    CHUNKS = 4  # xᵀx is symmetric: computing only block rows' upper parts costs (CHUNKS+1)/(2·CHUNKS) of a GEMM
+
     def __init__(self, features: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(features, features, device=device)
         self.rows = 0
+        step = -(-features // self.CHUNKS)
+        self.bounds = [(a, min(a + step, features)) for a in range(0, features, step)]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.t(), x)
+        for a, b in self.bounds:  # upper triangle by block rows; the lower one is mirrored when read
+            self.sum[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
         self.rows += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise ValueError("no calibration tokens reached this layer")
-        return self.sum * (2.0 / self.rows)
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(self.sum, diagonal=1).t()) * (2.0 / self.rows)
 
 
 class _Stop(Exception):
@@ -90,8 +97,9 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
             known[wanted] = [[n[len(prefix) + 1:] for n in g] for g in
                              _input_groups(block, prefix, captured.hidden[0], captured.kwargs[index][0], stage)]
         groups = [[f"{prefix}.{n}" for n in g] for g in known[wanted]]
+        resume: _Resume | None = None
         for names in groups:
-            _process_group(block, prefix, names, captured, index, stage)
+            resume = _process_group(block, prefix, names, captured, index, stage, resume)
         with torch.no_grad():
             captured.hidden = [_output(block(h, **kw)) for h, kw in zip(captured.hidden, captured.kwargs[index])]
         block.to(home)
@@ -187,24 +195,52 @@ def _input_groups(block: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: d
     return groups
 
 
+@dataclass
+class _Resume:
+    """The inputs of one child of a block (e.g. `mlp`) for every batch, recorded while collecting a group inside
+    it: the next group inside the same child is collected by running only that child again, not the whole block.
+    Valid because the earlier group's change lies inside the child, after the point where its input is computed."""
+
+    child: str
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
 def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _Captured, index: int,
-                   stage: LayerwiseStage) -> None:
+                   stage: LayerwiseStage, resume: _Resume | None) -> _Resume | None:
     modules = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names}
     first = modules[names[0]]
+    child_name = names[0][len(prefix) + 1 :].split(".")[0]
+    child = block.get_submodule(child_name)
     acc = stage.accumulator(first)
+    calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []
 
-    def hook(mod, args):
+    def stop(mod, args):
         acc.add(args[0])
         raise _Stop
 
-    handle = first.register_forward_pre_hook(hook)
+    def record(mod, args, kwargs):
+        calls[-1].append((args, kwargs))
+
+    handles = [first.register_forward_pre_hook(stop)]
+    if child is not first:
+        handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
+    reuse = resume is not None and resume.child == child_name
     try:
         with torch.no_grad():
-            for h, kw in zip(captured.hidden, captured.kwargs[index]):
+            inputs = resume.calls if reuse else list(zip(captured.hidden, captured.kwargs[index]))
+            for a, kw in inputs:
+                calls.append([])
                 try:
-                    block(h, **kw)
+                    if reuse:
+                        child(*a, **kw)
+                    else:
+                        block(a, **kw)
                 except _Stop:
                     pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     stage.process(index, block, {n: (m, acc) for n, m in modules.items()})
+    if child is first or any(len(c) != 1 for c in calls):
+        return None  # the child is the layer itself, or ran more or less than once per batch: no shortcut
+    return _Resume(child_name, [c[0] for c in calls])

@@ -21,6 +21,7 @@ def tiny_config(family: str, **over):
            "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig}[family]
     if family in ("gemma2", "gemma3_text"):
         common.setdefault("sliding_window", 16)  # shorter than test windows so local layers really differ
+        common.setdefault("query_pre_attn_scalar", common["head_dim"])  # as in real Gemma (llama.cpp assumes it)
     return cls(**common)
 
 

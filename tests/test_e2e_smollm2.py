@@ -36,3 +36,11 @@ def test_quickstart_on_the_real_model(tmp_path):
     assert art["size"]["bits_per_weight"] < 10  # 4-bit linears; embeddings and norms stay float16
     assert art["speed"]["decode_ms_per_token"] > 0 and base["speed"]["peak_rss_mb"] > 0
     assert (tmp_path / "quickstart" / "safetensors" / "model.safetensors").is_file()
+    # The same GPTQ codes as Q4_0 in llama.cpp: every linear carried over, scored in llama.cpp on the same ids.
+    gguf = next(a for a in report["artifacts"] if a["format"] == "gguf-Q4_0")
+    assert len(gguf["gguf"]["carried_codes"]) == 30 * 7 and not gguf["gguf"]["requantized"]
+    assert gguf["tokenizer_check"]["identical"] == gguf["tokenizer_check"]["texts"]
+    # llama.cpp also rounds activations to 8 bits for Q4_0 matmuls: close to, not equal to, the torch numbers
+    assert abs(gguf["accuracy"]["perplexity"] / acc["perplexity"] - 1) < 0.03
+    assert gguf["accuracy"]["kl_divergence"] < acc["kl_divergence"] * 1.3 + 0.01
+    assert gguf["size"]["bits_per_weight"] < 6 and gguf["speed"]["decode_ms_per_token"] > 0

@@ -90,7 +90,6 @@ def test_dense_export_loads_in_plain_transformers(family, tmp_path):
 def test_loader_reads_act_order_checkpoints_with_permuted_groups(tmp_path):
     """GPTQ checkpoints written with desc_act (by other tools) carry a non-trivial g_idx."""
     model = _quantized("llama", method="rtn")
-    ids = torch.randint(0, model.config.vocab_size, (2, 40))
     write_gptq(model, None, tmp_path / "c", dtype="float32")
     tensors = load_file(tmp_path / "c" / "model.safetensors")
     name = "model.layers.1.self_attn.o_proj"

@@ -35,8 +35,22 @@ def test_unknown_key_names_path_and_allowed_keys():
 
 
 def test_wrong_value_names_allowed_values():
-    msg = _error({"model": "x", "stages": [{"quantize": {"method": "rtn", "bits": 5}}]})
-    assert "stages[0].quantize.bits" in msg and "2, 3, 4 or 8" in msg and "got 5" in msg
+    msg = _error({"model": "x", "stages": [{"quantize": {"method": "rtn", "bits": 6}}]})
+    assert "stages[0].quantize.bits" in msg and "2, 3, 4, 5 or 8" in msg and "got 6" in msg
+    msg = _error({"model": "x", "export": [{"gguf": {"type": "q4_9"}}]})
+    assert "export[0].gguf.type" in msg and "q4_k_m" in msg and "q4_9" in msg
+    msg = _error({"model": "x", "export": [{"gguf": {"typo": 1}}]})
+    assert "export[0].gguf.typo: unknown key" in msg and "embedding_type" in msg
+
+
+def test_cross_field_checks_for_exports():
+    five = {"method": "rtn", "bits": 5, "group_size": 32}
+    msg = _error({"model": "x", "stages": [{"quantize": five}], "export": [{"safetensors": {"format": "gptq"}}]})
+    assert "2, 3, 4 or 8-bit" in msg and "gguf" in msg
+    assert "calibration" in _error({"model": "x", "export": [{"gguf": {"type": "q4_k_m", "imatrix": True}}]})
+    assert "same folder" in _error({"model": "x", "export": [{"gguf": {}}, {"gguf": {"type": "f16"}}]})
+    r = Recipe.from_dict({"model": "x", "stages": [{"quantize": five}], "export": [{"gguf": {"type": "Q5_0"}}]})
+    assert r.export[0].gguf.type == "Q5_0" and r.export_name(0) == "gguf"
 
 
 def test_unknown_stage_kind_lists_kinds():

@@ -113,7 +113,6 @@ def dequant_gptq(qweight, qzeros, scales, g_idx, bits: int, in_features: int, ou
     zero_offset: 1 for the GPTQ v1 checkpoint format (qzeros hold zero-1), 0 for v2.
     W[o, i] = scales[g_idx[i], o] * (q[i, o] - (z[g_idx[i], o] + zero_offset)).
     """
-    import torch
 
     q = unpack_gptq_int32(qweight, bits, 0)[:in_features, :out_features].float()
     z = unpack_gptq_int32(qzeros, bits, 1)[:, :out_features].float() + zero_offset

@@ -15,7 +15,7 @@ def main() -> None:
     from compressor.recipe import ModelConfig, SpeedConfig
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kind", choices=["model", "checkpoint"], required=True)
+    ap.add_argument("--kind", choices=["model", "checkpoint", "gguf"], required=True)
     ap.add_argument("--path", required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", required=True)
@@ -23,6 +23,9 @@ def main() -> None:
     cfg = SpeedConfig.model_validate_json(args.config)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if args.kind == "gguf":
+        print(json.dumps(_llama_cpp(args.path, cfg)))
+        return
 
     t0 = time.perf_counter()
     if args.kind == "model":
@@ -77,6 +80,56 @@ def main() -> None:
     if args.device.startswith("cuda"):
         result["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print(json.dumps(result))
+
+
+def _llama_cpp(path: str, cfg) -> dict:
+    """The same protocol in llama.cpp: prefill of random ids in one batch; decode one token at a time (greedy) with
+    the KV cache after a prompt."""
+    import numpy as np
+
+    from compressor.evaluate.llama_cpp_runtime import default_threads, open_model
+
+    threads = cfg.threads or default_threads()
+    t0 = time.perf_counter()
+    llm = open_model(path, n_ctx=max(cfg.prefill_tokens, cfg.prompt_tokens + cfg.decode_tokens) + 8,
+                     logits_all=False, threads=threads)
+    load_s = time.perf_counter() - t0
+    rss_loaded = psutil.Process().memory_info().rss
+    gen = np.random.default_rng(0)
+    vocab = llm.n_vocab()
+    prefill_ids = gen.integers(0, vocab, cfg.prefill_tokens).tolist()
+    prompt_ids = gen.integers(0, vocab, cfg.prompt_tokens).tolist()
+
+    def prefill() -> float:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prefill_ids)
+        return time.perf_counter() - t
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval(prompt_ids)
+        t = time.perf_counter()
+        for _ in range(cfg.decode_tokens):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return (time.perf_counter() - t) / cfg.decode_tokens
+
+    llm.reset()
+    llm.eval(prefill_ids[:16])  # warm-up
+    prefill_s = statistics.median(prefill() for _ in range(cfg.repeats))
+    decode_s = statistics.median(decode() for _ in range(cfg.repeats))
+    return {
+        "load_seconds": round(load_s, 3),
+        "prefill_tokens_per_second": round(cfg.prefill_tokens / prefill_s, 2),
+        "decode_ms_per_token": round(decode_s * 1000, 3),
+        "rss_after_load_mb": round(rss_loaded / 2**20, 1),
+        "peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
+        "threads": threads,
+        "device": "cpu (llama.cpp)",
+        "prompt_tokens": cfg.prompt_tokens,
+        "decode_tokens": cfg.decode_tokens,
+        "prefill_tokens": cfg.prefill_tokens,
+    }
 
 
 def _peak_rss_bytes() -> int:

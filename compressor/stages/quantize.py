@@ -5,7 +5,6 @@ import logging
 import re
 import time
 
-import torch
 from torch import nn
 
 from ..algorithms.gptq import factorize, gptq_quantize

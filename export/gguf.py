@@ -1,0 +1,410 @@
+"""GGUF files for llama.cpp (and Ollama, LM Studio): metadata, tokenizer and tensors.
+
+Two steps. (1) This module writes every tensor it can itself: float types, and the legacy block types (Q4_0, Q4_1,
+Q5_0, Q5_1, Q8_0), where the calibrated integer codes of a quantized layer are carried over exactly when its grid
+matches the block type. (2) Only when a tensor needs a type that llama.cpp alone implements (the K-quants, IQ types,
+or llama.cpp's own choice for the embedding and output tensors), the file from step 1 goes through llama.cpp's
+quantizer (`llama_model_quantize`), which copies tensors already in their final type and quantizes the rest,
+optionally guided by an importance matrix from the run's calibration data.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor import __version__
+from compressor.quant.tensor import QuantLinear
+
+from .gguf_arch import Arch, ArchitectureError, arch_for, extra_tensors, gguf_tensor_name, hyperparameters, \
+    to_gguf_layout
+from .gguf_blocks import BLOCK, BLOCK_TYPES, encode_codes, encode_dense, mismatch
+from .gguf_types import DIRECT_TYPES, FILE_TYPES, FLOAT_TYPES, LLAMA_FILE_TYPES, TENSOR_TYPES
+
+log = logging.getLogger(__name__)
+
+class GGUFError(ValueError):
+    """A GGUF export that cannot be done, with the reason and what would work."""
+
+
+@dataclass
+class GGUFSummary:
+    file_type: str
+    tensor_types: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensor count in the final file
+    carried_codes: list[str] = field(default_factory=list)  # layers whose calibrated codes were written as they are
+    requantized: list[str] = field(default_factory=list)  # quantized layers whose grid did not fit: re-quantized
+    refit: list[str] = field(default_factory=list)  # codes re-chosen because a float16 offset moved
+    max_code_error: float = 0.0  # largest |written - calibrated| weight among carried codes
+    llama_quantizer: bool = False
+    imatrix_entries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def llama_cpp_module():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise GGUFError("this needs llama-cpp-python (llama.cpp's quantizer/runtime): "
+                        "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python") from None
+    return llama_cpp
+
+
+def needs_llama_quantizer(file_type: str, embedding_type: str | None, output_type: str | None) -> bool:
+    if file_type in LLAMA_FILE_TYPES:
+        return True
+    if file_type in FLOAT_TYPES:
+        return any(t not in (None, *DIRECT_TYPES) for t in (embedding_type, output_type))
+    # Block file types: llama.cpp picks the embedding/output types unless the recipe names direct ones.
+    return any(t is None or t not in DIRECT_TYPES for t in (embedding_type, output_type))
+
+
+def check_options(file_type: str, embedding_type: str | None, output_type: str | None) -> None:
+    """Validate type names (case-insensitive input is upper-cased by the caller)."""
+    if file_type not in FILE_TYPES:
+        raise GGUFError(f"gguf.type {file_type!r} is not supported; choose one of {', '.join(FILE_TYPES)}")
+    for key, t in (("embedding_type", embedding_type), ("output_type", output_type)):
+        if t is not None and t not in TENSOR_TYPES:
+            raise GGUFError(f"gguf.{key} {t!r} is not supported; choose one of {', '.join(TENSOR_TYPES)}")
+
+
+def check_model(model: nn.Module, file_type: str, embedding_type: str | None, output_type: str | None,
+                where: str = "gguf") -> None:
+    """Everything about `model` that would make the export fail, checked before any long work."""
+    file_type = file_type.upper()
+    try:
+        arch_for(model.config)
+        _check_attention_scale(model.config)
+    except ArchitectureError as e:
+        raise GGUFError(f"{where}: {e}") from None
+    if file_type not in BLOCK_TYPES or needs_llama_quantizer(file_type, _up(embedding_type), _up(output_type)):
+        return
+    odd = [n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[-1] % BLOCK]
+    odd += [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.in_features % BLOCK]
+    if odd:
+        raise GGUFError(f"{where}: {file_type} stores rows in blocks of {BLOCK}, but {odd[0]} has a row length that "
+                        f"is not a multiple of {BLOCK}; use F16/BF16/F32 or a llama.cpp type (e.g. Q4_K_M), which "
+                        "falls back per tensor")
+
+
+def gguf_file_name(model: nn.Module, file_type: str) -> str:
+    base = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
+    base = base.removesuffix(".gguf").split(".")[0] or "model"
+    return f"{base}-{file_type.upper()}.gguf"
+
+
+def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str, *, embedding_type: str | None = None,
+               output_type: str | None = None, imatrix: dict[str, torch.Tensor] | None = None,
+               source_gguf: Path | None = None, threads: int | None = None) -> GGUFSummary:
+    """Write `model` to the GGUF file `path` (which must not exist yet); the file appears only when complete.
+
+    `imatrix` maps linear layer names (transformers names, e.g. model.layers.0.mlp.up_proj) to the mean squared
+    activation of each input column; it guides llama.cpp's quantizer. `source_gguf`, when the model was loaded from a
+    GGUF file, supplies the tokenizer metadata verbatim.
+    """
+    file_type, embedding_type, output_type = file_type.upper(), _up(embedding_type), _up(output_type)
+    check_options(file_type, embedding_type, output_type)
+    config = model.config
+    arch = arch_for(config)
+    _check_attention_scale(config)
+    two_step = needs_llama_quantizer(file_type, embedding_type, output_type)
+    llama_cpp = llama_cpp_module() if two_step else None
+    summary = GGUFSummary(file_type, llama_quantizer=two_step)
+
+    if path.exists():
+        raise GGUFError(f"{path} already exists; not overwriting it")
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        first = Path(tmp) / "step1.gguf"
+        _write_step1(model, tokenizer, first, file_type, embedding_type, output_type, arch, source_gguf, summary,
+                     defer_to_llama=two_step)
+        final = first
+        if two_step:
+            final = Path(tmp) / "step2.gguf"
+            tied_head = "output.weight" not in {t.name for t in _reader(first).tensors}
+            summary.imatrix_entries = _llama_quantize(llama_cpp, first, final, file_type, embedding_type,
+                                                      output_type, _imatrix_by_gguf_name(imatrix, arch, tied_head),
+                                                      threads)
+        os.replace(final, path)  # published only when complete
+    summary.tensor_types = tensor_type_counts(path)
+    return summary
+
+
+def _up(t: str | None) -> str | None:
+    return t.upper() if t else None
+
+
+def _check_attention_scale(config: Any) -> None:
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is None:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if scalar not in (head_dim, config.hidden_size // config.num_attention_heads):
+        raise ArchitectureError(f"GGUF export: query_pre_attn_scalar {scalar} differs from head_dim {head_dim}; "
+                                "llama.cpp scales attention by the head size and would compute another model")
+
+
+# ------------------------------------------------------------------------------------------------ step 1
+def _write_step1(model: nn.Module, tokenizer: Any, path: Path, file_type: str, embedding_type: str | None,
+                 output_type: str | None, arch: Arch, source_gguf: Path | None, summary: GGUFSummary,
+                 defer_to_llama: bool) -> None:
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), arch.gguf_name)
+    try:
+        writer.add_name(getattr(config, "_name_or_path", "") or config.model_type)
+        writer.add_string("general.quantized_by", f"compressor {__version__}")
+        for key, value in hyperparameters(config, arch).items():
+            _add_value(writer, f"{arch.gguf_name}.{key}", value)
+        step1_type = file_type if file_type in DIRECT_TYPES else "F16"
+        writer.add_file_type(_ftype(step1_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(writer, tokenizer, config, source_gguf)
+
+        quantized = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in quantized
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith((".codes", ".scales", ".zeros",
+                                                                                 ".g_idx", ".dense"))}
+        for name in quantized:
+            state[name] = None  # placeholder: resolved from the QuantLinear below
+        for hf_name, tensor in state.items():
+            if tied and hf_name == "lm_head.weight":
+                continue
+            gname = gguf_tensor_name(hf_name, arch)
+            if gname is None:
+                raise ArchitectureError(f"GGUF export: no GGUF name for tensor {hf_name} of {config.model_type}")
+            role = "embedding" if gname.startswith("token_embd.") else "output" if gname.startswith("output.") \
+                else "other"
+            target = _target_type(tensor if tensor is not None else quantized[hf_name].codes, role, file_type,
+                                  embedding_type, output_type, defer_to_llama)
+            data, raw_type = _encode(hf_name, tensor, quantized.get(hf_name), target, config, arch, summary)
+            writer.add_tensor(gname, data, raw_dtype=raw_type)
+        for gname, t in extra_tensors(config).items():
+            writer.add_tensor(gname, t.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def _target_type(tensor: torch.Tensor, role: str, file_type: str, embedding_type: str | None,
+                 output_type: str | None, defer_to_llama: bool) -> str:
+    """GGUF type this step writes for one tensor. Tensors llama.cpp will give another type stay float16 here."""
+    if tensor.dim() < 2:
+        return "F32"  # norms and biases: llama.cpp keeps 1-D tensors in float32
+    chosen = {"embedding": embedding_type, "output": output_type}.get(role)
+    if chosen is None:
+        chosen = file_type if role == "other" or not defer_to_llama else None
+    if chosen is None or chosen not in DIRECT_TYPES:
+        return "F16"
+    if chosen in BLOCK_TYPES and tensor.shape[-1] % BLOCK:
+        if defer_to_llama:
+            return "F16"  # llama.cpp falls back to a type whose blocks fit
+        raise GGUFError(f"a tensor of shape {tuple(tensor.shape)} cannot be stored as {chosen}: rows must be "
+                        f"multiples of {BLOCK}; use F16/Q8_0 for it or a llama.cpp type")
+    if defer_to_llama and chosen in BLOCK_TYPES and file_type not in DIRECT_TYPES:
+        return "F16"
+    return chosen
+
+
+def _encode(hf_name: str, tensor: torch.Tensor | None, qlinear: QuantLinear | None, target: str, config: Any,
+            arch: Arch, summary: GGUFSummary) -> tuple[np.ndarray, Any]:
+    import gguf
+
+    gtype = gguf.GGMLQuantizationType[target]
+    module = hf_name.removesuffix(".weight")
+    if qlinear is not None and target in BLOCK_TYPES and mismatch(qlinear.qweight, BLOCK_TYPES[target]) is None:
+        enc = encode_codes(_permuted(qlinear.qweight, hf_name, config, arch), BLOCK_TYPES[target])
+        summary.carried_codes.append(module)
+        summary.max_code_error = max(summary.max_code_error, enc.max_abs_error)
+        if enc.refit:
+            summary.refit.append(module)
+        return enc.data, gtype
+    if qlinear is not None:
+        tensor = qlinear.qweight.dequantize(torch.float32)
+        if target in BLOCK_TYPES:
+            summary.requantized.append(f"{module} ({mismatch(qlinear.qweight, BLOCK_TYPES[target])})")
+        elif target == "F16" and summary.file_type not in FLOAT_TYPES:
+            summary.requantized.append(f"{module} (llama.cpp quantizes the dequantized weights to its type)")
+    w = to_gguf_layout(hf_name, tensor.detach().float().cpu(), config, arch)
+    if target == "F32":
+        return w.numpy(), gtype
+    if target == "F16":
+        return w.half().numpy(), gtype
+    if target == "BF16":
+        return w.bfloat16().view(torch.int16).numpy().view(np.uint8).reshape(w.shape[0], -1), gtype
+    return encode_dense(w, BLOCK_TYPES[target]), gtype
+
+
+def _permuted(qt, hf_name: str, config: Any, arch: Arch):
+    """Llama's q/k rows reordered for llama.cpp's rotary layout; codes, scales and zeros move row by row."""
+    from compressor.quant.tensor import QuantizedTensor
+
+    if not (arch.rope_interleaved and hf_name.endswith(("q_proj.weight", "k_proj.weight"))):
+        return qt
+    f = lambda t: to_gguf_layout(hf_name, t, config, arch)  # noqa: E731
+    return QuantizedTensor(f(qt.codes), f(qt.scales), f(qt.zeros), qt.bits, qt.group_size, qt.symmetric, qt.g_idx)
+
+
+def _ftype(type_name: str) -> int:
+    import gguf
+
+    return int(gguf.LlamaFileType.ALL_F32 if type_name == "F32" else gguf.LlamaFileType[f"MOSTLY_{type_name}"])
+
+
+def _add_value(writer: Any, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        raise TypeError(f"{key}: cannot store {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+def write_tokenizer(writer: Any, tokenizer: Any, config: Any, source_gguf: Path | None) -> None:
+    """Tokenizer metadata: copied verbatim from the source GGUF when there is one, else converted from the
+    transformers tokenizer (byte-level BPE as `gpt2`, SentencePiece-style BPE as `llama`)."""
+    if source_gguf is not None:
+        _copy_tokenizer(writer, source_gguf)
+        return
+    from .gguf_tokenizer import add_hf_tokenizer
+
+    add_hf_tokenizer(writer, tokenizer, config)
+
+
+def _copy_tokenizer(writer: Any, source: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    for key, f in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = f.types[1] if len(f.types) > 1 else None
+            values = [_field_item(f, i, sub) for i in f.data]
+            writer.add_key_value(key, values, vtype, sub_type=sub)
+        else:
+            writer.add_key_value(key, _field_item(f, f.data[0], vtype), vtype)
+
+
+def _field_item(f: Any, index: int, vtype: Any) -> Any:
+    import gguf
+
+    part = f.parts[index]
+    if vtype == gguf.GGUFValueType.STRING:
+        return bytes(part)
+    return part.tolist()[0] if len(part) == 1 else part.tolist()
+
+
+# -------------------------------------------------------------------------------------- llama.cpp step
+def _imatrix_by_gguf_name(imatrix: dict[str, torch.Tensor] | None, arch: Arch,
+                          tied_head: bool) -> dict[str, np.ndarray]:
+    """Keyed by GGUF tensor name. With tied embeddings llama.cpp multiplies by token_embd for the output, so the
+    output projection's statistics belong to token_embd."""
+    if not imatrix:
+        return {}
+    out = {}
+    for hf_name, values in imatrix.items():
+        gname = gguf_tensor_name(f"{hf_name}.weight", arch)
+        if gname == "output.weight" and tied_head:
+            gname = "token_embd.weight"
+        if gname is not None:
+            out[gname] = values.detach().float().cpu().numpy().astype(np.float32)
+    return out
+
+
+def _reader(path: Path) -> Any:
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _llama_quantize(llama_cpp: Any, src: Path, dst: Path, file_type: str, embedding_type: str | None,
+                    output_type: str | None, imatrix: dict[str, np.ndarray], threads: int | None) -> int:
+    import gguf
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _ftype(file_type)
+    params.nthread = threads or os.cpu_count() or 1
+    if embedding_type:
+        params.token_embedding_type = int(gguf.GGMLQuantizationType[embedding_type])
+    if output_type:
+        params.output_tensor_type = int(gguf.GGMLQuantizationType[output_type])
+    # Tensors step 1 already wrote in a quantized type are pinned to it: llama.cpp then copies them byte for byte
+    # instead of applying its mixing rules (which would try to re-quantize, e.g. early ffn_down to Q4_1).
+    pinned = [(f"^{t.name.replace('.', '[.]')}$".encode(), int(t.tensor_type)) for t in _reader(src).tensors
+              if t.tensor_type.name not in ("F32", "F16", "BF16")]
+    overrides = (llama_cpp.llama_model_tensor_override * (len(pinned) + 1))()
+    for i, (pattern, ttype) in enumerate(pinned):
+        overrides[i].pattern, overrides[i].type = pattern, ttype
+    if pinned:
+        params.tt_overrides = overrides
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    arrays = []  # the C side reads these during the call; keep them alive
+    for i, (name, values) in enumerate(imatrix.items()):
+        arr = np.ascontiguousarray(values, dtype=np.float32)
+        arrays.append(arr)
+        entries[i].name = name.encode()
+        entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = arr.size
+    if imatrix:
+        params.imatrix = entries
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
+        dst.unlink(missing_ok=True)
+        raise GGUFError(f"llama.cpp's quantizer failed on {src.name} (status {rc}); see its log above")
+    return len(imatrix)
+
+
+def file_type_of(path: Path) -> str:
+    """The file type a GGUF header declares (general.file_type), as a name such as Q4_0 or Q4_K_M."""
+    import gguf
+
+    field = _reader(path).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    value = gguf.LlamaFileType(int(field.parts[field.data[0]][0]))
+    return "F32" if value == gguf.LlamaFileType.ALL_F32 else value.name.removeprefix("MOSTLY_")
+
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    """What a GGUF file holds: architecture, file type, hyperparameters, tensor types and sizes."""
+    reader = _reader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    hparams = {}
+    for key, f in reader.fields.items():
+        if key.startswith(f"{arch}.") and f.types and f.types[0].name != "ARRAY":
+            hparams[key.removeprefix(f"{arch}.")] = f.parts[f.data[0]].tolist()[0]
+    tokenizer = reader.fields.get("tokenizer.ggml.model")
+    return {"path": str(path), "format": f"gguf-{file_type_of(path)}", "architecture": arch,
+            "hyperparameters": hparams,
+            "tokenizer_model": bytes(tokenizer.parts[-1]).decode() if tokenizer else None,
+            "tensor_types": tensor_type_counts(path), "tensors": len(reader.tensors),
+            "tensors_bytes": int(sum(t.n_bytes for t in reader.tensors)), "file_bytes": path.stat().st_size}
+
+
+def tensor_type_counts(path: Path) -> dict[str, int]:
+
+    counts: dict[str, int] = {}
+    for t in _reader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,216 @@
+"""GGUF export checked in llama.cpp itself (llama-cpp-python), on tiny models of every supported family."""
+from __future__ import annotations
+
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from compressor.evaluate.accuracy import TorchRuntime, compare
+from compressor.evaluate.llama_cpp_runtime import LlamaCppRuntime, tokenizer_agreement
+from compressor.recipe import QuantizeConfig, QuantizeStage
+from compressor.stages import StageContext, apply_stage
+from export.gguf import GGUFError, check_model, write_gguf
+from export.gguf_arch import ArchitectureError
+
+from conftest import FAMILIES, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _ids(n: int = 2, seq: int = 48, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 384, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _quantized(family: str, method: str = "rtn", **cfg) -> torch.nn.Module:
+    model = tiny_model(family)
+    q = QuantizeConfig(method=method, bits=cfg.pop("bits", 4), group_size=cfg.pop("group_size", 32), **cfg)
+    calib = _ids(8, 64, seed=1) if method == "gptq" else None
+    apply_stage(QuantizeStage(quantize=q), model, StageContext(calibration=calib, batch_size=4))
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_file_computes_the_same_logits_in_llama_cpp(family, tokenizer, tmp_path):
+    model = tiny_model(family)
+    path = tmp_path / "m.gguf"
+    summary = write_gguf(model, tokenizer, path, "f32")
+    assert not summary.llama_quantizer and summary.tensor_types == {"F32": summary.tensor_types["F32"]}
+    ids = _ids()
+    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
+    try:
+        ours = rt.logits(ids)
+    finally:
+        rt.close()
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    rel = (ours - ref).abs().max() / ref.abs().max()
+    assert rel < 2e-3, f"{family}: llama.cpp logits differ from torch by {rel:.2e} of their range"
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97  # near-ties may flip
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_calibrated_q4_0_codes_reach_llama_cpp_unchanged(family, tokenizer, tmp_path):
+    model = _quantized(family, "gptq", symmetric=True, act_order=True)
+    path = tmp_path / "q.gguf"
+    summary = write_gguf(model, tokenizer, path, "q4_0", embedding_type="q8_0", output_type="q8_0")
+    n_linear = 7 * model.config.num_hidden_layers
+    assert len(summary.carried_codes) == n_linear and not summary.requantized
+    assert summary.max_code_error == 0.0
+    # The file's Q4_0 tensors decode to exactly the weights of the in-memory quantized model.
+    from export.gguf_arch import arch_for, gguf_tensor_name, to_gguf_layout
+
+    arch = arch_for(model.config)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, module in model.named_modules():
+        if hasattr(module, "qweight"):
+            t = tensors[gguf_tensor_name(f"{name}.weight", arch)]
+            assert t.tensor_type.name == "Q4_0"
+            decoded = gguf.quants.dequantize(t.data, t.tensor_type).reshape(module.out_features, -1)
+            expected = to_gguf_layout(f"{name}.weight", module.qweight.dequantize(), model.config, arch)
+            assert np.array_equal(decoded, expected.numpy()), name
+    # And llama.cpp runs them like torch does (llama.cpp also rounds activations to 8 bits, hence a tolerance).
+    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
+    try:
+        res = compare(TorchRuntime("torch", model), [rt], _ids())
+    finally:
+        rt.close()
+    assert res["gguf"]["kl_divergence"] < 0.01 and res["gguf"]["top1_agreement"] > 0.9
+
+
+def test_llama_cpp_picks_embedding_and_output_types_and_keeps_our_codes(tokenizer, tmp_path):
+    model = _quantized("llama", symmetric=True)
+    mine = tmp_path / "mine.gguf"
+    auto = tmp_path / "auto.gguf"
+    write_gguf(model, tokenizer, mine, "q4_0", embedding_type="q8_0", output_type="q8_0")
+    summary = write_gguf(model, tokenizer, auto, "q4_0")  # embedding/output left to llama.cpp's rules
+    assert summary.llama_quantizer
+    a = {t.name: t for t in gguf.GGUFReader(str(mine)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(auto)).tensors}
+    assert set(a) == set(b)
+    for name in a:
+        if name.startswith("blk.") and a[name].tensor_type.name == "Q4_0":
+            assert b[name].tensor_type.name == "Q4_0" and np.array_equal(a[name].data, b[name].data), name
+    # tied embeddings: llama.cpp quantizes token_embd as its output matrix (Q6_K, or Q8_0 where rows do not fit)
+    assert b["token_embd.weight"].tensor_type.name in ("Q6_K", "Q8_0")
+
+
+def test_k_quant_with_importance_matrix(tokenizer, tmp_path):
+    from compressor.activation_stats import mean_squared_inputs
+
+    model = tiny_model("qwen3", hidden_size=256, intermediate_size=512, head_dim=64)
+    imatrix = mean_squared_inputs(model, _ids(4, 64, seed=2))
+    assert set(imatrix) >= {"model.layers.0.mlp.down_proj", "lm_head"}
+    plain, guided = tmp_path / "k.gguf", tmp_path / "k-imatrix.gguf"
+    write_gguf(model, tokenizer, plain, "q4_k_m")
+    summary = write_gguf(model, tokenizer, guided, "q4_k_m", imatrix=imatrix)
+    assert summary.llama_quantizer and summary.imatrix_entries == 7 * 2 + 1
+    assert summary.tensor_types["Q4_K"] >= 10 and "Q6_K" in summary.tensor_types and "F32" in summary.tensor_types
+    a = {t.name: t for t in gguf.GGUFReader(str(plain)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(guided)).tensors}
+    assert not np.array_equal(a["blk.0.ffn_up.weight"].data, b["blk.0.ffn_up.weight"].data)  # the matrix was used
+    rt = LlamaCppRuntime("gguf", guided, n_ctx=64)
+    try:
+        res = compare(TorchRuntime("torch", model), [rt], _ids())
+    finally:
+        rt.close()
+    # A random tiny model has a nearly flat next-token distribution, so 4 bits move top-1 a lot; the real-model
+    # figures are in benchmarks/bench_gguf.py.
+    assert res["gguf"]["kl_divergence"] < 0.5 and res["gguf"]["top1_agreement"] > 0.5
+
+
+def test_tokenizer_metadata_reproduces_hf_ids(tokenizer, tmp_path):
+    path = tmp_path / "t.gguf"
+    write_gguf(tiny_model("llama"), tokenizer, path, "f16")
+    texts = ["The quick brown fox: 12345 jumps!", "def f(x):\n    return x ** 2\n", "  spaces   and\ttabs"]
+    check = tokenizer_agreement(path, tokenizer, texts)
+    assert check["identical"] == len(texts), check["first_difference"]
+
+
+def test_bad_input_is_refused_before_writing(tokenizer, tmp_path, monkeypatch):
+    model = tiny_model("llama", hidden_size=48, head_dim=12, intermediate_size=96)
+    with pytest.raises(GGUFError, match="multiple of 32"):
+        check_model(model, "q4_0", "q8_0", "q8_0")
+    check_model(model, "q4_k_m", None, None)  # llama.cpp falls back per tensor: allowed
+    other = tiny_model("llama")
+    other.config.model_type = "gpt_neox"
+    with pytest.raises(GGUFError, match="supported: gemma"):
+        check_model(other, "f16", None, None)
+    with pytest.raises(ArchitectureError):
+        write_gguf(other, tokenizer, tmp_path / "x.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(GGUFError, match="pip install llama-cpp-python"):
+        write_gguf(tiny_model("llama"), tokenizer, tmp_path / "y.gguf", "q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_no_file(tokenizer, tmp_path, monkeypatch):
+    import export.gguf_blocks as blocks
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("export.gguf.encode_codes", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(_quantized("llama", symmetric=True), tokenizer, tmp_path / "z.gguf", "q4_0",
+                   embedding_type="q8_0", output_type="q8_0")
+    assert blocks  # module still importable after the patch is undone
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_run_exports_gguf_and_checks_it_in_llama_cpp(model_dir_factory, tmp_path):
+    """`compress run` with a GGUF target: the GPTQ codes go into Q4_0, llama.cpp scores the file on the same windows,
+    the tokenizer check passes; then the GGUF is imported as a model, compressed again and exported back."""
+    import json
+
+    from compressor.recipe import Recipe
+    from compressor.run import run
+
+    from conftest import tiny_recipe
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(model_dir_factory("qwen2"), out, export=[
+        {"gguf": {"type": "q4_0", "embedding_type": "q8_0", "output_type": "q8_0"}},
+        {"gguf": {"type": "q4_k_m", "name": "k"}},
+        {"gguf": {"type": "f32", "name": "f32"}},
+        {"safetensors": {"format": "dense", "dtype": "float32"}}])
+    recipe["stages"][0]["quantize"]["symmetric"] = True
+    result = run(Recipe.from_dict(recipe))
+    report = json.loads((out / "report.json").read_text())
+    arts = {a["name"]: a for a in report["artifacts"]}
+    q4 = arts["gguf"]
+    assert q4["format"] == "gguf-Q4_0" and q4["runtime"].startswith("llama.cpp")
+    assert len(q4["gguf"]["carried_codes"]) == 14 and q4["gguf"]["tensor_types"]["Q4_0"] == 14
+    assert q4["tokenizer_check"]["identical"] == q4["tokenizer_check"]["texts"] > 0
+    assert 0 < q4["accuracy"]["kl_divergence"] < 0.5 and q4["accuracy"]["tokens"] == 3 * 63
+    assert arts["k"]["gguf"]["imatrix_entries"] > 0  # calibration present: the importance matrix is used
+    # the dequantized model at float32 in llama.cpp scores like the same weights in torch
+    torch_kl = arts["safetensors-dense"]["accuracy"]["kl_divergence"]
+    assert abs(arts["f32"]["accuracy"]["kl_divergence"] - torch_kl) < 0.01 * torch_kl + 1e-4
+    assert result.passed and [p.name for p in (out / "gguf").iterdir()][0].endswith("-Q4_0.gguf")
+
+    gguf_file = next((out / "f32").glob("*.gguf"))
+    again = tiny_recipe(str(gguf_file), tmp_path / "again", export=[{"gguf": {"type": "q8_0", "embedding_type": "q8_0",
+                                                                              "output_type": "q8_0"}}])
+    again["stages"][0]["quantize"].update(bits=8, symmetric=True, method="rtn", act_order=False)
+    res2 = run(Recipe.from_dict(again))
+    art = res2.report["artifacts"][0]
+    assert art["tokenizer_check"]["identical"] == art["tokenizer_check"]["texts"]
+    assert art["accuracy"]["top1_agreement"] > 0.9
+
+
+def test_corrupt_gguf_model_gets_a_clear_error(tmp_path):
+    from compressor.models import ModelError, load
+    from compressor.recipe import ModelConfig
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelError, match="broken.gguf"):
+        load(ModelConfig(id=str(bad)))
