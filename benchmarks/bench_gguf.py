@@ -36,7 +36,8 @@ from compressor.evaluate.accuracy import TorchRuntime, compare  # noqa: E402
 from compressor.evaluate.llama_cpp_runtime import LlamaCppRuntime  # noqa: E402
 from compressor.models import load, resolve  # noqa: E402
 from compressor.recipe import CalibrationConfig, EvalDataConfig, ModelConfig, SpeedConfig  # noqa: E402
-from export.gguf import _imatrix_by_gguf_name, _llama_quantize, llama_cpp_module, tensor_type_counts, write_gguf  # noqa: E402,E501
+from export.gguf import TypePlan, _imatrix_by_gguf_name, _llama_quantize, llama_cpp_module, tensor_type_counts, \
+    write_gguf  # noqa: E402
 from export.gguf_arch import arch_for  # noqa: E402
 from export.safetensors import load_checkpoint  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
         name = f"llama.cpp {ftype}" + (" + imatrix" if use_imatrix else "")
         files[name] = fresh(f"llama-{ftype.lower()}{'-imatrix' if use_imatrix else ''}.gguf")
         t = time.perf_counter()
-        _llama_quantize(llama_cpp, files["compressor F16"], files[name], ftype, None, None,
+        _llama_quantize(llama_cpp, files["compressor F16"], files[name], TypePlan.of(ftype), {},
                         by_name if use_imatrix else {}, None)
         notes[name] = f"quantized in {time.perf_counter() - t:.1f}s"
 

@@ -139,6 +139,8 @@ class GGUFExportConfig(_Strict):
                                           "as q4_k_m (quantized by llama.cpp)")
     embedding_type: str | None = Field(None, description="type of token_embd (default: llama.cpp's choice)")
     output_type: str | None = Field(None, description="type of the output projection (default: llama.cpp's choice)")
+    tensor_types: dict[str, str] = Field({}, description="per-tensor types: regex on the GGUF tensor name -> type "
+                                                         "(first match wins), e.g. {'ffn_down': q8_0}")
     imatrix: bool | None = Field(None, description="guide llama.cpp's quantizer with an importance matrix from the "
                                                    "calibration data (default: when there is calibration data)")
     name: str | None = Field(None, description="folder name inside the run folder (default: gguf)")
@@ -156,6 +158,28 @@ class GGUFExportConfig(_Strict):
         from export.gguf_types import TENSOR_TYPES
 
         return _gguf_type(v, TENSOR_TYPES, "tensor type")
+
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _tensor_types(cls, v: dict[str, Any]) -> dict[str, str]:
+        import re
+
+        from export.gguf_types import TENSOR_TYPES
+
+        for pattern, t in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+            _gguf_type(t, TENSOR_TYPES, f"tensor type for {pattern!r}")
+        return {p: t.upper() for p, t in v.items()}
+
+    def plan(self) -> Any:
+        """The export.gguf.TypePlan of these options."""
+        from export.gguf import TypePlan
+
+        return TypePlan.of(self.type, self.embedding_type, self.output_type, self.tensor_types)
 
 
 class GGUFExport(_Strict):

@@ -79,7 +79,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Path:
 def _preflight_gguf(recipe: Recipe) -> None:
     import importlib.util
 
-    from export.gguf import needs_llama_quantizer
+    from export.gguf import GGUFError
     from export.gguf_types import BLOCK_GRIDS
 
     quant = recipe.quantize_configs()
@@ -87,7 +87,10 @@ def _preflight_gguf(recipe: Recipe) -> None:
         cfg = getattr(target, "gguf", None)
         if cfg is None:
             continue
-        needs = needs_llama_quantizer(cfg.type, cfg.embedding_type, cfg.output_type)
+        try:
+            needs = cfg.plan().needs_llama
+        except GGUFError as e:
+            raise RunError(f"export[{i}].{e}") from None
         if (needs or recipe.evaluate) and importlib.util.find_spec("llama_cpp") is None:
             why = "its llama.cpp types" if needs else "checking it in llama.cpp (evaluate)"
             raise RunError(f"export[{i}].gguf: {why} needs llama-cpp-python: "
@@ -146,8 +149,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
         if getattr(target, "gguf", None):
             from export.gguf import check_model
 
-            check_model(model, target.gguf.type, target.gguf.embedding_type, target.gguf.output_type,
-                        f"export[{i}].gguf")
+            check_model(model, target.gguf.plan(), f"export[{i}].gguf")
     _check_lengths(recipe, model)
 
     with timings.phase("prepare data"):
@@ -201,12 +203,13 @@ def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenize
     from .recipe import GGUFExport
 
     if isinstance(target, GGUFExport):
-        from export.gguf import gguf_file_name, needs_llama_quantizer, write_gguf
+        from export.gguf import gguf_file_name, write_gguf
 
         cfg = target.gguf
+        plan = cfg.plan()
         imatrix = None
         use_imatrix = cfg.imatrix if cfg.imatrix is not None else calib is not None
-        if use_imatrix and needs_llama_quantizer(cfg.type, cfg.embedding_type, cfg.output_type):
+        if use_imatrix and plan.needs_llama:
             if "imatrix" not in stats:
                 from .activation_stats import mean_squared_inputs
 
@@ -214,8 +217,7 @@ def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenize
             imatrix = stats["imatrix"]
         source_gguf = Path(source.path) / source.gguf_file if source.gguf_file and source.kind != "hub" else None
         with atomic_dir(work / name) as tmp:
-            summary = write_gguf(model, tokenizer, tmp / gguf_file_name(model, cfg.type), cfg.type,
-                                 embedding_type=cfg.embedding_type, output_type=cfg.output_type, imatrix=imatrix,
+            summary = write_gguf(model, tokenizer, tmp / gguf_file_name(model, cfg.type), plan, imatrix=imatrix,
                                  source_gguf=source_gguf)
         for line in summary.notes:
             log.warning("export %s: %s", name, line)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,41 +61,86 @@ def llama_cpp_module():
     return llama_cpp
 
 
-def needs_llama_quantizer(file_type: str, embedding_type: str | None, output_type: str | None) -> bool:
-    if file_type in LLAMA_FILE_TYPES:
-        return True
-    if file_type in FLOAT_TYPES:
-        return any(t not in (None, *DIRECT_TYPES) for t in (embedding_type, output_type))
-    # Block file types: llama.cpp picks the embedding/output types unless the recipe names direct ones.
-    return any(t is None or t not in DIRECT_TYPES for t in (embedding_type, output_type))
+@dataclass(frozen=True)
+class TypePlan:
+    """Which GGUF type each tensor gets: per-tensor overrides (regex on the GGUF name, first match wins), then the
+    embedding/output choices, then the file type. None for embedding/output leaves them to llama.cpp's rules."""
+
+    file_type: str
+    embedding: str | None = None
+    output: str | None = None
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, file_type: str, embedding_type: str | None = None, output_type: str | None = None,
+           tensor_types: dict[str, str] | None = None) -> "TypePlan":
+        plan = cls(file_type.upper(), _up(embedding_type), _up(output_type),
+                   tuple((p, t.upper()) for p, t in (tensor_types or {}).items()))
+        if plan.file_type not in FILE_TYPES:
+            raise GGUFError(f"gguf.type {file_type!r} is not supported; choose one of {', '.join(FILE_TYPES)}")
+        for key, t in [("embedding_type", plan.embedding), ("output_type", plan.output),
+                       *((f"tensor_types[{p!r}]", t) for p, t in plan.overrides)]:
+            if t is not None and t not in TENSOR_TYPES:
+                raise GGUFError(f"gguf.{key} {t!r} is not supported; choose one of {', '.join(TENSOR_TYPES)}")
+        if plan.file_type in FLOAT_TYPES and any(t not in DIRECT_TYPES for _, t in plan.overrides):
+            raise GGUFError(f"gguf.tensor_types: llama.cpp applies its own per-tensor types only in quantized files, "
+                            f"not in {plan.file_type}; use one of {', '.join(DIRECT_TYPES)} there")
+        for p, _ in plan.overrides:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise GGUFError(f"gguf.tensor_types: invalid regular expression {p!r}: {e}") from None
+        return plan
+
+    def requested(self, gguf_name: str) -> str | None:
+        for pattern, t in self.overrides:
+            if re.search(pattern, gguf_name):
+                return t
+        if gguf_name.startswith("token_embd."):
+            return self.embedding
+        if gguf_name.startswith("output."):
+            return self.output
+        return None
+
+    @property
+    def needs_llama(self) -> bool:
+        """Whether any tensor needs llama.cpp's quantizer (a type only it implements, or its own choice)."""
+        if self.file_type in LLAMA_FILE_TYPES:
+            return True
+        explicit = [self.embedding, self.output, *(t for _, t in self.overrides)]
+        if any(t is not None and t not in DIRECT_TYPES for t in explicit):
+            return True
+        if self.file_type in FLOAT_TYPES:
+            return False
+        return any(self.requested(n) is None for n in ("token_embd.weight", "output.weight"))
 
 
-def check_options(file_type: str, embedding_type: str | None, output_type: str | None) -> None:
-    """Validate type names (case-insensitive input is upper-cased by the caller)."""
-    if file_type not in FILE_TYPES:
-        raise GGUFError(f"gguf.type {file_type!r} is not supported; choose one of {', '.join(FILE_TYPES)}")
-    for key, t in (("embedding_type", embedding_type), ("output_type", output_type)):
-        if t is not None and t not in TENSOR_TYPES:
-            raise GGUFError(f"gguf.{key} {t!r} is not supported; choose one of {', '.join(TENSOR_TYPES)}")
-
-
-def check_model(model: nn.Module, file_type: str, embedding_type: str | None, output_type: str | None,
-                where: str = "gguf") -> None:
+def check_model(model: nn.Module, plan: TypePlan, where: str = "gguf") -> None:
     """Everything about `model` that would make the export fail, checked before any long work."""
-    file_type = file_type.upper()
     try:
-        arch_for(model.config)
+        arch = arch_for(model.config)
         _check_attention_scale(model.config)
     except ArchitectureError as e:
         raise GGUFError(f"{where}: {e}") from None
-    if file_type not in BLOCK_TYPES or needs_llama_quantizer(file_type, _up(embedding_type), _up(output_type)):
-        return
-    odd = [n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[-1] % BLOCK]
-    odd += [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.in_features % BLOCK]
+    if plan.needs_llama:
+        return  # llama.cpp falls back per tensor to a type whose blocks fit
+    odd = []
+    for name, shape in _weight_shapes(model):
+        gname = gguf_tensor_name(name, arch) or name
+        wanted = plan.requested(gname) or plan.file_type
+        if len(shape) == 2 and wanted in BLOCK_TYPES and shape[-1] % BLOCK:
+            odd.append(f"{gname} ({wanted}, rows of {shape[-1]})")
     if odd:
-        raise GGUFError(f"{where}: {file_type} stores rows in blocks of {BLOCK}, but {odd[0]} has a row length that "
-                        f"is not a multiple of {BLOCK}; use F16/BF16/F32 or a llama.cpp type (e.g. Q4_K_M), which "
+        raise GGUFError(f"{where}: block types store rows in blocks of {BLOCK}, but {odd[0]} is not a multiple of "
+                        f"{BLOCK}; use F16/BF16/F32 for it (tensor_types) or a llama.cpp type such as Q4_K_M, which "
                         "falls back per tensor")
+
+
+def _weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    shapes += [(f"{n}.weight", (m.out_features, m.in_features)) for n, m in model.named_modules()
+               if isinstance(m, QuantLinear)]
+    return shapes
 
 
 def gguf_file_name(model: nn.Module, file_type: str) -> str:
@@ -103,8 +149,9 @@ def gguf_file_name(model: nn.Module, file_type: str) -> str:
     return f"{base}-{file_type.upper()}.gguf"
 
 
-def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str, *, embedding_type: str | None = None,
-               output_type: str | None = None, imatrix: dict[str, torch.Tensor] | None = None,
+def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str | TypePlan, *,
+               embedding_type: str | None = None, output_type: str | None = None,
+               tensor_types: dict[str, str] | None = None, imatrix: dict[str, torch.Tensor] | None = None,
                source_gguf: Path | None = None, threads: int | None = None) -> GGUFSummary:
     """Write `model` to the GGUF file `path` (which must not exist yet); the file appears only when complete.
 
@@ -112,29 +159,34 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str, *, 
     activation of each input column; it guides llama.cpp's quantizer. `source_gguf`, when the model was loaded from a
     GGUF file, supplies the tokenizer metadata verbatim.
     """
-    file_type, embedding_type, output_type = file_type.upper(), _up(embedding_type), _up(output_type)
-    check_options(file_type, embedding_type, output_type)
+    plan = file_type if isinstance(file_type, TypePlan) else TypePlan.of(file_type, embedding_type, output_type,
+                                                                          tensor_types)
     config = model.config
     arch = arch_for(config)
     _check_attention_scale(config)
-    two_step = needs_llama_quantizer(file_type, embedding_type, output_type)
+    two_step = plan.needs_llama
     llama_cpp = llama_cpp_module() if two_step else None
-    summary = GGUFSummary(file_type, llama_quantizer=two_step)
+    summary = GGUFSummary(plan.file_type, llama_quantizer=two_step)
 
     if path.exists():
         raise GGUFError(f"{path} already exists; not overwriting it")
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         first = Path(tmp) / "step1.gguf"
-        _write_step1(model, tokenizer, first, file_type, embedding_type, output_type, arch, source_gguf, summary,
-                     defer_to_llama=two_step)
+        settled = _write_step1(model, tokenizer, first, plan, arch, source_gguf, summary, defer_to_llama=two_step)
         final = first
         if two_step:
             final = Path(tmp) / "step2.gguf"
             tied_head = "output.weight" not in {t.name for t in _reader(first).tensors}
-            summary.imatrix_entries = _llama_quantize(llama_cpp, first, final, file_type, embedding_type,
-                                                      output_type, _imatrix_by_gguf_name(imatrix, arch, tied_head),
-                                                      threads)
+            summary.imatrix_entries = _llama_quantize(llama_cpp, first, final, plan, settled,
+                                                      _imatrix_by_gguf_name(imatrix, arch, tied_head), threads)
         os.replace(final, path)  # published only when complete
+    if summary.requantized:
+        summary.notes.append(f"{len(summary.requantized)} quantized layer(s) could not keep their codes in "
+                             f"{plan.file_type} and were re-quantized from their dequantized weights (e.g. "
+                             f"{summary.requantized[0]})")
+    if summary.refit:
+        summary.notes.append(f"{len(summary.refit)} layer(s): the block offset m = -scale*zero is stored in float16, "
+                             f"so codes were re-chosen against it (largest weight change {summary.max_code_error:.3g})")
     summary.tensor_types = tensor_type_counts(path)
     return summary
 
@@ -154,9 +206,10 @@ def _check_attention_scale(config: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ step 1
-def _write_step1(model: nn.Module, tokenizer: Any, path: Path, file_type: str, embedding_type: str | None,
-                 output_type: str | None, arch: Arch, source_gguf: Path | None, summary: GGUFSummary,
-                 defer_to_llama: bool) -> None:
+def _write_step1(model: nn.Module, tokenizer: Any, path: Path, plan: TypePlan, arch: Arch, source_gguf: Path | None,
+                 summary: GGUFSummary, defer_to_llama: bool) -> dict[str, str]:
+    """Write the file with every tensor this module can type itself; returns {GGUF name: type} of the 2-D tensors
+    already in their final type (llama.cpp must leave those alone)."""
     import gguf
 
     config = model.config
@@ -166,7 +219,7 @@ def _write_step1(model: nn.Module, tokenizer: Any, path: Path, file_type: str, e
         writer.add_string("general.quantized_by", f"compressor {__version__}")
         for key, value in hyperparameters(config, arch).items():
             _add_value(writer, f"{arch.gguf_name}.{key}", value)
-        step1_type = file_type if file_type in DIRECT_TYPES else "F16"
+        step1_type = plan.file_type if plan.file_type in DIRECT_TYPES else "F16"
         writer.add_file_type(_ftype(step1_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_tokenizer(writer, tokenizer, config, source_gguf)
@@ -177,18 +230,19 @@ def _write_step1(model: nn.Module, tokenizer: Any, path: Path, file_type: str, e
                                                                                  ".g_idx", ".dense"))}
         for name in quantized:
             state[name] = None  # placeholder: resolved from the QuantLinear below
+        settled: dict[str, str] = {}
         for hf_name, tensor in state.items():
             if tied and hf_name == "lm_head.weight":
                 continue
             gname = gguf_tensor_name(hf_name, arch)
             if gname is None:
                 raise ArchitectureError(f"GGUF export: no GGUF name for tensor {hf_name} of {config.model_type}")
-            role = "embedding" if gname.startswith("token_embd.") else "output" if gname.startswith("output.") \
-                else "other"
-            target = _target_type(tensor if tensor is not None else quantized[hf_name].codes, role, file_type,
-                                  embedding_type, output_type, defer_to_llama)
+            shape = tuple((tensor if tensor is not None else quantized[hf_name].codes).shape)
+            target, final = _target_type(gname, shape, plan, defer_to_llama)
             data, raw_type = _encode(hf_name, tensor, quantized.get(hf_name), target, config, arch, summary)
             writer.add_tensor(gname, data, raw_dtype=raw_type)
+            if final and len(shape) == 2:
+                settled[gname] = target
         for gname, t in extra_tensors(config).items():
             writer.add_tensor(gname, t.numpy())
         writer.write_header_to_file()
@@ -196,26 +250,26 @@ def _write_step1(model: nn.Module, tokenizer: Any, path: Path, file_type: str, e
         writer.write_tensors_to_file()
     finally:
         writer.close()
+    return settled
 
 
-def _target_type(tensor: torch.Tensor, role: str, file_type: str, embedding_type: str | None,
-                 output_type: str | None, defer_to_llama: bool) -> str:
-    """GGUF type this step writes for one tensor. Tensors llama.cpp will give another type stay float16 here."""
-    if tensor.dim() < 2:
-        return "F32"  # norms and biases: llama.cpp keeps 1-D tensors in float32
-    chosen = {"embedding": embedding_type, "output": output_type}.get(role)
+def _target_type(gguf_name: str, shape: tuple[int, ...], plan: TypePlan, defer_to_llama: bool) -> tuple[str, bool]:
+    """(type written in step 1, whether that is final). Tensors that llama.cpp will type are written as F16."""
+    if len(shape) < 2:
+        return "F32", True  # norms and biases: llama.cpp keeps 1-D tensors in float32
+    chosen = plan.requested(gguf_name)
     if chosen is None:
-        chosen = file_type if role == "other" or not defer_to_llama else None
-    if chosen is None or chosen not in DIRECT_TYPES:
-        return "F16"
-    if chosen in BLOCK_TYPES and tensor.shape[-1] % BLOCK:
+        if defer_to_llama and gguf_name.startswith(("token_embd.", "output.")):
+            return "F16", False  # llama.cpp's rules for the file type decide
+        chosen = plan.file_type
+    if chosen not in DIRECT_TYPES:
+        return "F16", False  # a type only llama.cpp implements
+    if chosen in BLOCK_TYPES and shape[-1] % BLOCK:
         if defer_to_llama:
-            return "F16"  # llama.cpp falls back to a type whose blocks fit
-        raise GGUFError(f"a tensor of shape {tuple(tensor.shape)} cannot be stored as {chosen}: rows must be "
-                        f"multiples of {BLOCK}; use F16/Q8_0 for it or a llama.cpp type")
-    if defer_to_llama and chosen in BLOCK_TYPES and file_type not in DIRECT_TYPES:
-        return "F16"
-    return chosen
+            return "F16", False
+        raise GGUFError(f"{gguf_name} (rows of {shape[-1]}) cannot be stored as {chosen}: rows must be multiples of "
+                        f"{BLOCK}; give it F16/BF16 in tensor_types or use a llama.cpp type")
+    return chosen, True
 
 
 def _encode(hf_name: str, tensor: torch.Tensor | None, qlinear: QuantLinear | None, target: str, config: Any,
@@ -338,25 +392,27 @@ def _reader(path: Path) -> Any:
     return gguf.GGUFReader(str(path))
 
 
-def _llama_quantize(llama_cpp: Any, src: Path, dst: Path, file_type: str, embedding_type: str | None,
-                    output_type: str | None, imatrix: dict[str, np.ndarray], threads: int | None) -> int:
+def _llama_quantize(llama_cpp: Any, src: Path, dst: Path, plan: TypePlan, settled: dict[str, str],
+                    imatrix: dict[str, np.ndarray], threads: int | None) -> int:
     import gguf
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _ftype(file_type)
+    params.ftype = _ftype(plan.file_type)
     params.nthread = threads or os.cpu_count() or 1
-    if embedding_type:
-        params.token_embedding_type = int(gguf.GGMLQuantizationType[embedding_type])
-    if output_type:
-        params.output_tensor_type = int(gguf.GGMLQuantizationType[output_type])
-    # Tensors step 1 already wrote in a quantized type are pinned to it: llama.cpp then copies them byte for byte
-    # instead of applying its mixing rules (which would try to re-quantize, e.g. early ffn_down to Q4_1).
-    pinned = [(f"^{t.name.replace('.', '[.]')}$".encode(), int(t.tensor_type)) for t in _reader(src).tensors
-              if t.tensor_type.name not in ("F32", "F16", "BF16")]
-    overrides = (llama_cpp.llama_model_tensor_override * (len(pinned) + 1))()
-    for i, (pattern, ttype) in enumerate(pinned):
-        overrides[i].pattern, overrides[i].type = pattern, ttype
-    if pinned:
+    # Tensors already in their final type are pinned to it (llama.cpp then copies them byte for byte instead of
+    # applying its mixing rules, which would try to re-quantize, e.g. early ffn_down to Q4_1); the recipe's
+    # overrides for types only llama.cpp writes follow, in order.
+    rules = [(f"^{re.escape(name)}$", t) for name, t in settled.items()]
+    rules += [(p, t) for p, t in plan.overrides if t not in DIRECT_TYPES]
+    if plan.embedding and "token_embd.weight" not in settled:
+        params.token_embedding_type = int(gguf.GGMLQuantizationType[plan.embedding])
+    if plan.output and "output.weight" not in settled:
+        params.output_tensor_type = int(gguf.GGMLQuantizationType[plan.output])
+    overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
+    for i, (pattern, t) in enumerate(rules):
+        overrides[i].pattern = pattern.encode()
+        overrides[i].type = int(gguf.GGMLQuantizationType[t])
+    if rules:
         params.tt_overrides = overrides
     entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
     arrays = []  # the C side reads these during the call; keep them alive

@@ -13,7 +13,7 @@ from compressor.evaluate.accuracy import TorchRuntime, compare
 from compressor.evaluate.llama_cpp_runtime import LlamaCppRuntime, tokenizer_agreement
 from compressor.recipe import QuantizeConfig, QuantizeStage
 from compressor.stages import StageContext, apply_stage
-from export.gguf import GGUFError, check_model, write_gguf
+from export.gguf import GGUFError, TypePlan, check_model, write_gguf
 from export.gguf_arch import ArchitectureError
 
 from conftest import FAMILIES, tiny_model
@@ -55,13 +55,29 @@ def test_float32_file_computes_the_same_logits_in_llama_cpp(family, tokenizer, t
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97  # near-ties may flip
 
 
+@pytest.mark.parametrize("file_type,tolerance", [("f16", 5e-3), ("bf16", 3e-2), ("q8_0", 0.1)])
+def test_16_and_8_bit_files(file_type, tolerance, tokenizer, tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "m.gguf"
+    summary = write_gguf(model, tokenizer, path, file_type, embedding_type=file_type, output_type=file_type)
+    assert file_type.upper() in summary.tensor_types and not summary.llama_quantizer
+    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
+    try:
+        ours = rt.logits(_ids())
+    finally:
+        rt.close()
+    with torch.no_grad():
+        ref = model(input_ids=_ids(), use_cache=False).logits
+    assert (ours - ref).abs().max() / ref.abs().max() < tolerance
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_calibrated_q4_0_codes_reach_llama_cpp_unchanged(family, tokenizer, tmp_path):
     model = _quantized(family, "gptq", symmetric=True, act_order=True)
     path = tmp_path / "q.gguf"
     summary = write_gguf(model, tokenizer, path, "q4_0", embedding_type="q8_0", output_type="q8_0")
     n_linear = 7 * model.config.num_hidden_layers
-    assert len(summary.carried_codes) == n_linear and not summary.requantized
+    assert len(summary.carried_codes) == n_linear and not summary.requantized and not summary.notes
     assert summary.max_code_error == 0.0
     # The file's Q4_0 tensors decode to exactly the weights of the in-memory quantized model.
     from export.gguf_arch import arch_for, gguf_tensor_name, to_gguf_layout
@@ -125,6 +141,34 @@ def test_k_quant_with_importance_matrix(tokenizer, tmp_path):
     assert res["gguf"]["kl_divergence"] < 0.5 and res["gguf"]["top1_agreement"] > 0.5
 
 
+def test_codes_that_do_not_fit_are_requantized_and_reported(tokenizer, tmp_path):
+    model = _quantized("llama", group_size=64, symmetric=True)
+    summary = write_gguf(model, tokenizer, tmp_path / "g64.gguf", "q4_0", embedding_type="q8_0",
+                         output_type="q8_0")
+    assert len(summary.requantized) == 14 and "groups of 64" in summary.requantized[0]
+    assert "re-quantized" in summary.notes[0]
+    asym = _quantized("llama", symmetric=False)
+    summary = write_gguf(asym, tokenizer, tmp_path / "asym.gguf", "q4_1", embedding_type="q8_0",
+                         output_type="q8_0")
+    assert len(summary.carried_codes) == 14 and summary.max_code_error < 1e-3
+
+
+def test_per_tensor_types(tokenizer, tmp_path):
+    """Overrides by GGUF tensor name: direct types written here, llama.cpp types applied by its quantizer; the
+    GPTQ codes of the other layers are still carried over unchanged."""
+    model = _quantized("llama", symmetric=True)
+    path = tmp_path / "mixed.gguf"
+    summary = write_gguf(model, tokenizer, path, "q4_0", embedding_type="q8_0",
+                         tensor_types={r"blk\.0\.ffn_down": "f16", "attn_v": "q6_k", "^output": "q5_0"})
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.1.ffn_down.weight"] == "Q4_0"
+    assert types["blk.0.attn_v.weight"] in ("Q6_K", "Q8_0")  # Q8_0 where rows do not fill 256-wide K blocks
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.1.attn_q.weight"] == "Q4_0"
+    assert len(summary.carried_codes) == 14 - 1 - 2  # ffn_down of block 0 and both attn_v were not Q4_0
+    with pytest.raises(GGUFError, match="only in quantized files"):
+        TypePlan.of("f16", tensor_types={"attn_v": "q6_k"})
+
+
 def test_tokenizer_metadata_reproduces_hf_ids(tokenizer, tmp_path):
     path = tmp_path / "t.gguf"
     write_gguf(tiny_model("llama"), tokenizer, path, "f16")
@@ -136,12 +180,16 @@ def test_tokenizer_metadata_reproduces_hf_ids(tokenizer, tmp_path):
 def test_bad_input_is_refused_before_writing(tokenizer, tmp_path, monkeypatch):
     model = tiny_model("llama", hidden_size=48, head_dim=12, intermediate_size=96)
     with pytest.raises(GGUFError, match="multiple of 32"):
-        check_model(model, "q4_0", "q8_0", "q8_0")
-    check_model(model, "q4_k_m", None, None)  # llama.cpp falls back per tensor: allowed
+        check_model(model, TypePlan.of("q4_0", "q8_0", "q8_0"))
+    check_model(model, TypePlan.of("q4_k_m"))  # llama.cpp falls back per tensor: allowed
+    # rows of 48 in the attention; the MLP's down projection has rows of 96 (3 blocks): only it may be Q4_0
+    check_model(model, TypePlan.of("f16", tensor_types={"ffn_down": "q4_0"}))
+    with pytest.raises(GGUFError, match="tensor_types"):
+        check_model(model, TypePlan.of("f16", tensor_types={"ffn_(up|gate)": "q4_0"}))
     other = tiny_model("llama")
     other.config.model_type = "gpt_neox"
     with pytest.raises(GGUFError, match="supported: gemma"):
-        check_model(other, "f16", None, None)
+        check_model(other, TypePlan.of("f16"))
     with pytest.raises(ArchitectureError):
         write_gguf(other, tokenizer, tmp_path / "x.gguf", "f16")
     assert list(tmp_path.iterdir()) == []
