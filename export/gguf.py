@@ -32,6 +32,7 @@ from .gguf_types import DIRECT_TYPES, FILE_TYPES, FLOAT_TYPES, LLAMA_FILE_TYPES,
 
 log = logging.getLogger(__name__)
 
+
 class GGUFError(ValueError):
     """A GGUF export that cannot be done, with the reason and what would work."""
 
@@ -52,7 +53,7 @@ class GGUFSummary:
         return dict(self.__dict__)
 
 
-def llama_cpp_module():
+def llama_cpp_module() -> Any:
     try:
         import llama_cpp
     except ImportError:
