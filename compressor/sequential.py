@@ -97,9 +97,10 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
             known[wanted] = [[n[len(prefix) + 1:] for n in g] for g in
                              _input_groups(block, prefix, captured.hidden[0], captured.kwargs[index][0], stage)]
         groups = [[f"{prefix}.{n}" for n in g] for g in known[wanted]]
-        resume: _Resume | None = None
+        resume: list[_Resume] = []  # at most one; a list so that a pass that cannot use it drops it first
         for names in groups:
-            resume = _process_group(block, prefix, names, captured, index, stage, resume)
+            _process_group(block, prefix, names, captured, index, stage, resume)
+        resume.clear()
         with torch.no_grad():
             captured.hidden = [_output(block(h, **kw)) for h, kw in zip(captured.hidden, captured.kwargs[index])]
         block.to(home)
@@ -206,7 +207,9 @@ class _Resume:
 
 
 def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _Captured, index: int,
-                   stage: LayerwiseStage, resume: _Resume | None) -> _Resume | None:
+                   stage: LayerwiseStage, holder: list[_Resume]) -> None:
+    """Collect one group's statistic and let the stage change the group; `holder` passes recorded child inputs
+    from one group to the next (and is emptied before a pass that cannot use them, so memory holds one set)."""
     modules = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names}
     first = modules[names[0]]
     child_name = names[0][len(prefix) + 1 :].split(".")[0]
@@ -224,7 +227,10 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
     handles = [first.register_forward_pre_hook(stop)]
     if child is not first:
         handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
+    resume = holder.pop() if holder else None
     reuse = resume is not None and resume.child == child_name
+    if not reuse:
+        resume = None
     try:
         with torch.no_grad():
             inputs = resume.calls if reuse else list(zip(captured.hidden, captured.kwargs[index]))
@@ -240,7 +246,7 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
     finally:
         for h in handles:
             h.remove()
+    del resume, inputs
     stage.process(index, block, {n: (m, acc) for n, m in modules.items()})
-    if child is first or any(len(c) != 1 for c in calls):
-        return None  # the child is the layer itself, or ran more or less than once per batch: no shortcut
-    return _Resume(child_name, [c[0] for c in calls])
+    if child is not first and all(len(c) == 1 for c in calls):  # else: no shortcut for the next group
+        holder.append(_Resume(child_name, [c[0] for c in calls]))
