@@ -28,6 +28,23 @@ def _ids(n: int = 2, seq: int = 48, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 384, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def _llama_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
+    try:
+        return rt.logits(ids)
+    finally:
+        rt.close()
+
+
+def _score(model: torch.nn.Module, path) -> dict:
+    """Metrics of the GGUF file in llama.cpp (name "gguf") against `model` in torch on the same windows."""
+    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
+    try:
+        return compare(TorchRuntime("torch", model), [rt], _ids())
+    finally:
+        rt.close()
+
+
 def _quantized(family: str, method: str = "rtn", **cfg) -> torch.nn.Module:
     model = tiny_model(family)
     q = QuantizeConfig(method=method, bits=cfg.pop("bits", 4), group_size=cfg.pop("group_size", 32), **cfg)
@@ -43,11 +60,7 @@ def test_float32_file_computes_the_same_logits_in_llama_cpp(family, tokenizer, t
     summary = write_gguf(model, tokenizer, path, "f32")
     assert not summary.llama_quantizer and summary.tensor_types == {"F32": summary.tensor_types["F32"]}
     ids = _ids()
-    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
-    try:
-        ours = rt.logits(ids)
-    finally:
-        rt.close()
+    ours = _llama_logits(path, ids)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
     rel = (ours - ref).abs().max() / ref.abs().max()
@@ -61,11 +74,7 @@ def test_16_and_8_bit_files(file_type, tolerance, tokenizer, tmp_path):
     path = tmp_path / "m.gguf"
     summary = write_gguf(model, tokenizer, path, file_type, embedding_type=file_type, output_type=file_type)
     assert file_type.upper() in summary.tensor_types and not summary.llama_quantizer
-    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
-    try:
-        ours = rt.logits(_ids())
-    finally:
-        rt.close()
+    ours = _llama_logits(path, _ids())
     with torch.no_grad():
         ref = model(input_ids=_ids(), use_cache=False).logits
     assert (ours - ref).abs().max() / ref.abs().max() < tolerance
@@ -92,11 +101,7 @@ def test_calibrated_q4_0_codes_reach_llama_cpp_unchanged(family, tokenizer, tmp_
             expected = to_gguf_layout(f"{name}.weight", module.qweight.dequantize(), model.config, arch)
             assert np.array_equal(decoded, expected.numpy()), name
     # And llama.cpp runs them like torch does (llama.cpp also rounds activations to 8 bits, hence a tolerance).
-    rt = LlamaCppRuntime("gguf", path, n_ctx=64)
-    try:
-        res = compare(TorchRuntime("torch", model), [rt], _ids())
-    finally:
-        rt.close()
+    res = _score(model, path)
     assert res["gguf"]["kl_divergence"] < 0.01 and res["gguf"]["top1_agreement"] > 0.9
 
 
@@ -131,11 +136,7 @@ def test_k_quant_with_importance_matrix(tokenizer, tmp_path):
     a = {t.name: t for t in gguf.GGUFReader(str(plain)).tensors}
     b = {t.name: t for t in gguf.GGUFReader(str(guided)).tensors}
     assert not np.array_equal(a["blk.0.ffn_up.weight"].data, b["blk.0.ffn_up.weight"].data)  # the matrix was used
-    rt = LlamaCppRuntime("gguf", guided, n_ctx=64)
-    try:
-        res = compare(TorchRuntime("torch", model), [rt], _ids())
-    finally:
-        rt.close()
+    res = _score(model, guided)
     # A random tiny model has a nearly flat next-token distribution, so 4 bits move top-1 a lot; the real-model
     # figures are in benchmarks/bench_gguf.py.
     assert res["gguf"]["kl_divergence"] < 0.5 and res["gguf"]["top1_agreement"] > 0.5

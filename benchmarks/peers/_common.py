@@ -58,6 +58,28 @@ def load_calib(path: str):
     return ids.to(torch.int64).contiguous()
 
 
+def base_result(peer: str, args, timing: dict, peak_after_quant: float, n: int, seq_len: int) -> dict:
+    """The fields every peer runner reports, in the same shape."""
+    import torch
+    from importlib.metadata import version
+
+    return {
+        "peer": peer,
+        "version": version(peer),
+        "seconds": timing["seconds"],
+        "cpu_seconds": timing["cpu_seconds"],
+        "loadavg_1min": [timing["loadavg_1min_start"], timing["loadavg_1min_end"]],
+        "peak_rss_mb": peak_after_quant,
+        "peak_rss_mb_process": peak_rss_mb(),
+        "settings": {
+            "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+            "act_order": args.act_order, "damp": args.damp, "batch_size": args.batch_size,
+            "dtype": args.dtype, "n_windows": n, "seq_len": seq_len,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+
+
 def peak_rss_mb() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -230,25 +230,15 @@ def main(argv=None) -> int:
     if args.group_size > 0:
         ident = torch.arange(m0.in_features) // args.group_size
         g_idx_identity = bool(torch.equal(m0.g_idx.long().cpu(), ident))
-    result = {
-        "peer": "gptqmodel",
-        "version": version("gptqmodel"),
-        "seconds": timing["seconds"],
-        "cpu_seconds": timing["cpu_seconds"],
-        "loadavg_1min": [timing["loadavg_1min_start"], timing["loadavg_1min_end"]],
-        "peak_rss_mb": peak_after_quant,
-        "peak_rss_mb_process": _common.peak_rss_mb(),
-        "settings": {
-            "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
-            "act_order": args.act_order, "damp": args.damp, "batch_size": args.batch_size,
-            "dtype": args.dtype, "n_windows": n, "seq_len": seq_len,
-            "quantize_config": {k: getattr(qcfg, k, None) for k in (
-                "bits", "group_size", "sym", "desc_act", "static_groups", "act_group_aware",
-                "damp_percent", "damp_auto_increment", "mse", "true_sequential", "offload_to_disk",
-                "format")},
-            "torch_threads": torch.get_num_threads(),
-            "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS"),
-        },
+    result = _common.base_result("gptqmodel", args, timing, peak_after_quant, n, seq_len)
+    result["settings"].update({
+        "quantize_config": {k: getattr(qcfg, k, None) for k in (
+            "bits", "group_size", "sym", "desc_act", "static_groups", "act_group_aware",
+            "damp_percent", "damp_auto_increment", "mse", "true_sequential", "offload_to_disk",
+            "format")},
+        "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS"),
+    })
+    result.update({
         "versions": {p: version(p) for p in ("torch", "transformers", "gptqmodel")},
         "quantized_modules": len(pq),
         "in_memory_qzero_format": sorted(fmt_seen),
@@ -260,7 +250,7 @@ def main(argv=None) -> int:
                   "order and are recorded in g_idx) unless --static-groups. peak_rss_mb is the "
                   "process peak up to the end of quantize() (model load included); peak_rss_mb_process "
                   "also covers the export/verification."),
-    }
+    })
     _common.write_outputs(args.out, dense, result)
     return 0
 

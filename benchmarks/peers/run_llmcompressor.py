@@ -201,22 +201,10 @@ def main(argv=None) -> int:
                          f"the unquantized one ({e_f})")
 
     q0 = qmods[names[0]].quantization_scheme.weights
-    result = {
-        "peer": "llmcompressor",
-        "version": version("llmcompressor"),
-        "seconds": timing["seconds"],
-        "cpu_seconds": timing["cpu_seconds"],
-        "loadavg_1min": [timing["loadavg_1min_start"], timing["loadavg_1min_end"]],
-        "peak_rss_mb": peak_after_quant,
-        "peak_rss_mb_process": _common.peak_rss_mb(),
-        "settings": {
-            "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
-            "act_order": args.act_order, "damp": args.damp, "batch_size": args.batch_size,
-            "dtype": args.dtype, "n_windows": n, "seq_len": seq_len,
-            "block_size": args.block_size,
-            "resolved_weight_args": q0.model_dump(mode="json"),
-            "torch_threads": torch.get_num_threads(),
-        },
+    result = _common.base_result("llmcompressor", args, timing, peak_after_quant, n, seq_len)
+    result["settings"].update({"block_size": args.block_size,
+                               "resolved_weight_args": q0.model_dump(mode="json")})
+    result.update({
         "versions": {p: version(p) for p in ("torch", "transformers", "llmcompressor",
                                              "compressed-tensors")},
         "quantized_modules": len(qmods),
@@ -228,7 +216,7 @@ def main(argv=None) -> int:
                   "act-order = actorder='weight' (static groups, no g_idx). Integer codes use "
                   "the signed range [-2^(b-1), 2^(b-1)-1]; dense = scale*(q - zero_point). "
                   "peak_rss_mb = process peak at the end of oneshot() (model load included)."),
-    }
+    })
     _common.write_outputs(args.out, dense, result)
     return 0
 
