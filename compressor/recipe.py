@@ -186,17 +186,58 @@ class GGUFExport(_Strict):
     gguf: GGUFExportConfig
 
 
-EXPORT_KINDS = ("safetensors", "gguf")
+class OnnxExportConfig(_Strict):
+    weights: Literal["float32", "float16", "int4", "int8"] = Field(
+        "int4", description="linear layers: float, or MatMulNBits blocks holding the quantize stage's codes "
+                            "(layers without codes are rounded to nearest here)")
+    block_size: int = Field(32, description="block of weights rounded here (power of two >= 16); calibrated codes "
+                                            "keep their own group size")
+    symmetric: bool = Field(False, description="grid of weights rounded here")
+    lm_head: Literal["float", "int4", "int8"] | None = Field(
+        None, description="output projection (default: float for float exports, int8 otherwise)")
+    embedding: Literal["float", "int4", "int8"] | None = Field(
+        None, description="token embedding table, quantized through GatherBlockQuantized (default: as lm_head; a "
+                          "tied table in the output projection's layout is stored once)")
+    activations: Literal["float", "int8"] = Field(
+        "int8", description="int8: MatMulNBits quantizes activations per block on the fly (onnxruntime's fast CPU "
+                            "path); float: exact float activations (slower on CPU)")
+    dtype: Literal["float32", "float16"] | None = Field(
+        None, description="activations and unquantized tensors (default: float16 for weights float16, else "
+                          "float32)")
+    external_data: bool | None = Field(None, description="weights in model.onnx.data (default: only above ~1.8 GB, "
+                                                         "which one protobuf file cannot hold)")
+    name: str | None = Field(None, description="folder name inside the run folder (default: onnx)")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if v < 16 or v & (v - 1):
+            raise ValueError("block_size must be a power of two >= 16 (MatMulNBits blocks), such as 32, 64 or 128")
+        return v
+
+    def options(self) -> Any:
+        """The export.onnx.OnnxOptions of these settings."""
+        from export.onnx import OnnxOptions
+
+        return OnnxOptions(**self.model_dump(exclude={"name"}))
+
+
+class OnnxExport(_Strict):
+    onnx: OnnxExportConfig
+
+
+EXPORT_KINDS = ("safetensors", "gguf", "onnx")
 # Items arrive as one-key mappings (see _one_key_item); the key picks the model, so errors speak of that one only.
 
 
 def _export_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         return next(iter(value)) if len(value) == 1 else None
-    return "gguf" if isinstance(value, GGUFExport) else "safetensors"
+    return {GGUFExport: "gguf", OnnxExport: "onnx"}.get(type(value), "safetensors")
 
 
-Export = Annotated[Union[Annotated[SafetensorsExport, Tag("safetensors")], Annotated[GGUFExport, Tag("gguf")]],
+Export = Annotated[Union[Annotated[SafetensorsExport, Tag("safetensors")], Annotated[GGUFExport, Tag("gguf")],
+                         Annotated[OnnxExport, Tag("onnx")]],
                    Discriminator(_export_kind)]
 
 
@@ -275,6 +316,8 @@ class Recipe(_Strict):
                     raise ValueError(f"export[{i}].gguf.imatrix needs a `calibration` section (the text whose "
                                      "activations weigh the quantization error)")
                 continue
+            if isinstance(exp, OnnxExport):
+                continue
             fmt = exp.safetensors.format
             if fmt == "gptq" and not quant:
                 raise ValueError(f"export[{i}].safetensors.format gptq needs a quantize stage; "
@@ -296,6 +339,8 @@ class Recipe(_Strict):
         target = self.export[index]
         if isinstance(target, GGUFExport):
             return target.gguf.name or "gguf"
+        if isinstance(target, OnnxExport):
+            return target.onnx.name or "onnx"
         cfg = target.safetensors
         if cfg.name:
             return cfg.name

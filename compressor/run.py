@@ -73,7 +73,34 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Path:
                     recipe.calibration.source)
     models.resolve(recipe.model)
     _preflight_gguf(recipe)
+    _preflight_onnx(recipe)
     return out
+
+
+def _preflight_onnx(recipe: Recipe) -> None:
+    from export.onnx import OnnxError, check_runtime
+    from export.onnx_weights import container_bits, supported_block
+
+    quant = recipe.quantize_configs()
+    for i, target in enumerate(recipe.export):
+        cfg = getattr(target, "onnx", None)
+        if cfg is None:
+            continue
+        try:
+            check_runtime(cfg.options())
+        except OnnxError as e:
+            raise RunError(f"export[{i}].onnx: {e}") from None
+        if not quant or cfg.weights in ("float32", "float16"):
+            continue
+        q = quant[0]
+        width = {"int4": 4, "int8": 8}[cfg.weights]
+        if q.bits > width or not supported_block(q.group_size if q.group_size != -1 else 0):
+            log.warning("export[%d].onnx: MatMulNBits (%s, blocks of powers of two >= 16) cannot hold the quantize "
+                        "stage's %d-bit codes in groups of %s: those layers will be rounded a second time", i,
+                        cfg.weights, q.bits, q.group_size)
+        elif container_bits(q.bits) != width:
+            log.info("export[%d].onnx: %d-bit codes are stored in %s blocks (exactly, with unused bits)", i, q.bits,
+                     cfg.weights)
 
 
 def _preflight_gguf(recipe: Recipe) -> None:
@@ -150,6 +177,13 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
             from export.gguf import check_model
 
             check_model(model, target.gguf.plan(), f"export[{i}].gguf")
+        if getattr(target, "onnx", None):
+            from export.onnx import OnnxError, check_model as check_onnx
+
+            try:
+                check_onnx(model, target.onnx.options(), f"export[{i}].onnx")
+            except OnnxError as e:
+                raise RunError(str(e)) from None
     _check_lengths(recipe, model)
 
     with timings.phase("prepare data"):
@@ -200,8 +234,19 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
 
 def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenizer: Any, source: models.ModelSource,
             quant: list[Any], calib: torch.Tensor | None, ctx: StageContext, stats: dict[str, Any]) -> dict[str, Any]:
-    from .recipe import GGUFExport
+    from .recipe import GGUFExport, OnnxExport
 
+    if isinstance(target, OnnxExport):
+        from export.onnx import write_onnx
+
+        cfg = target.onnx
+        with atomic_dir(work / name) as tmp:
+            summary = write_onnx(model, tokenizer, tmp, cfg.options())
+        if summary.requantized:
+            log.warning("export %s: %d calibrated layer(s) did not fit MatMulNBits and were rounded again: %s", name,
+                        len(summary.requantized), ", ".join(summary.requantized[:5]))
+        return {"name": name, "format": f"onnx-{cfg.weights}", "path": name, "runtime": "onnxruntime",
+                "files": file_hashes(work / name), "onnx": summary.to_dict()}
     if isinstance(target, GGUFExport):
         from export.gguf import gguf_file_name, write_gguf
 
@@ -290,6 +335,11 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                     runtimes.append(LlamaCppRuntime(art["name"], _gguf_file(work / art["path"]), d.seq_len,
                                                     ev.speed.threads))
                     continue
+                if art["format"].startswith("onnx"):
+                    from .evaluate.onnx_runtime import OnnxRuntimeModel
+
+                    runtimes.append(OnnxRuntimeModel(art["name"], work / art["path"], ev.speed.threads, device))
+                    continue
                 loaded, _ = load_checkpoint(work / art["path"], device=device, materialize=device == "cpu")
             runtimes.append(TorchRuntime(art["name"], loaded, device))
     else:
@@ -327,9 +377,17 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                                        "above was measured on the same token ids, so it is unaffected)")
 
     for art in report["artifacts"]:
+        if art["format"].startswith("onnx") and baseline is not None:
+            reference = compressed if compressed is not None else baseline
+            with timings.phase(f"greedy generation check of {art['name']}"):
+                art["generation_check"] = _generation_check(work / art["path"], reference, windows, device,
+                                                            ev.speed.threads)
+                art["generation_check"]["reference"] = ("the compressed model in torch" if compressed is not None
+                                                        else "the baseline in torch")
+    for art in report["artifacts"]:
         if "files" in art:
             weights = sum((work / art["path"] / f).stat().st_size for f in art["files"]
-                          if f.endswith((".safetensors", ".gguf")))
+                          if f.endswith((".safetensors", ".gguf", ".onnx", ".onnx.data")))
             art["size"] = {"bytes": speed.directory_bytes(work / art["path"]), "weights_bytes": weights,
                            "bits_per_weight": weights * 8 / params,
                            "compression_vs_fp16": params * 2 / weights if weights else None}
@@ -339,6 +397,8 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
             for art in report["artifacts"]:
                 if art["format"].startswith("gguf"):
                     art["speed"] = speed.measure("gguf", str(_gguf_file(work / art["path"])), ev.speed, "cpu")
+                elif art["format"].startswith("onnx"):
+                    art["speed"] = speed.measure("onnx", str(work / art["path"]), ev.speed, device)
                 elif "files" in art:
                     art["speed"] = speed.measure("checkpoint", str(work / art["path"]), ev.speed, device)
         if report["baseline"]["speed"]["decode_ms_per_token"]:
@@ -347,6 +407,23 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                     art["speed"]["decode_speedup"] = (report["baseline"]["speed"]["decode_ms_per_token"]
                                                       / art["speed"]["decode_ms_per_token"])
         report["notes"].append(_CPU_NOTE)
+
+
+def _generation_check(folder: Path, reference: torch.nn.Module, windows: torch.Tensor, device: str,
+                      threads: int | None, prompt_tokens: int = 32, new_tokens: int = 32) -> dict[str, Any]:
+    """Greedy continuations of the start of the first evaluation window, by the exported model in torch and by
+    the export in onnxruntime: how many generated tokens agree before the first difference."""
+    from .evaluate.onnx_runtime import open_decoder
+
+    prompt = windows[0, :prompt_tokens].tolist()
+    with torch.no_grad():
+        ids = torch.tensor([prompt], device=device)
+        ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    got = open_decoder(folder, threads, device).generate(prompt, new_tokens)
+    same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+    return {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "identical_prefix": same,
+            "identical": same == len(ref)}
 
 
 def _gguf_file(folder: Path) -> Path:
@@ -403,11 +480,11 @@ def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict
     from .recipe import EvaluateConfig, ModelConfig, RecipeError
 
     path = Path(path)
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix in (".gguf", ".onnx") and path.is_file():
         path = path.parent
     if not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
-        raise RunError(f"{path}: not an exported artifact (a checkpoint folder with config.json, a GGUF file, or a "
-                       "folder holding one)")
+        raise RunError(f"{path}: not an exported artifact (a checkpoint folder with config.json, an ONNX export "
+                       "folder, a GGUF file, or a folder holding one)")
     record_file = path.parent / "run.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else None
     if model is None:
@@ -436,8 +513,7 @@ def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict
                   "parameters": params},
         "stages": [], "calibration": None, "notes": [],
         "artifacts": [{"name": path.name, "format": _format_of(path), "path": path.name,
-                       "runtime": "torch (transformers)" if (path / "config.json").is_file() else
-                       "llama.cpp (llama-cpp-python)", "files": file_hashes(path)}],
+                       "runtime": _runtime_of(_format_of(path)), "files": file_hashes(path)}],
     }
     _evaluate(recipe, report, path.parent, baseline, None, windows, device, params, timings, tokenizer)
     failures = budget_failures(ev.budget, report["baseline"], report["artifacts"][0])
@@ -445,9 +521,18 @@ def evaluate_artifact(path: str | Path, model: str | None = None, evaluate: dict
     return report
 
 
+def _runtime_of(fmt: str) -> str:
+    return {"gguf": "llama.cpp (llama-cpp-python)", "onnx": "onnxruntime"}.get(fmt.split("-")[0],
+                                                                              "torch (transformers)")
+
+
 def _format_of(path: Path) -> str:
     from export.safetensors import read_quantization_config
 
+    if list(path.glob("*.onnx")):
+        from export.onnx import describe_onnx
+
+        return describe_onnx(path)["format"]
     if not (path / "config.json").is_file() and list(path.glob("*.gguf")):
         from export.gguf import file_type_of
 
@@ -465,6 +550,10 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if (path / "report.json").is_file() and not (path / "config.json").is_file():
         return json.loads((path / "report.json").read_text())
+    if path.suffix == ".onnx" or (path.is_dir() and list(path.glob("*.onnx"))):
+        from export.onnx import describe_onnx
+
+        return describe_onnx(path)
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file() and list(path.glob("*.gguf"))):
         from export.gguf import describe_gguf
 

@@ -4,12 +4,16 @@
 #
 #   benchmarks/.venvs/gptqmodel      -> GPTQModel 7.6.0
 #   benchmarks/.venvs/llmcompressor  -> llm-compressor (latest release that accepts torch 2.13)
+#   benchmarks/.venvs/ortgenai       -> onnxruntime-genai model builder (ONNX export, int4 MatMulNBits);
+#                                       only built when named
 #
-# Usage (from anywhere):   bash benchmarks/peers/setup_venvs.sh [gptqmodel|llmcompressor ...]
+# Usage (from anywhere):   bash benchmarks/peers/setup_venvs.sh [gptqmodel|llmcompressor|ortgenai ...]
+#                          (no argument = gptqmodel llmcompressor)
 # Env overrides:
 #   PYTHON             interpreter for the venvs (default: python3; must be 3.11 for the on-disk torch wheel)
 #   GPTQMODEL_SPEC     default "gptqmodel==7.6.0"
 #   LLMCOMPRESSOR_SPEC default "llmcompressor==0.14.0.1"
+#   ORTGENAI_SPEC      default "onnxruntime-genai==0.18.0"
 #
 # The peers are NEVER installed into the project's own environment: they pin
 # numpy / transformers versions that conflict with ours.
@@ -24,6 +28,11 @@ GPTQMODEL_SPEC="${GPTQMODEL_SPEC:-gptqmodel==7.6.0}"
 # llmcompressor 0.14.0.1 requires torch>=2.10,<=2.14.0 and transformers>=5.15,<=5.17
 # (so its venv gets transformers 5.17, older than the project's 5.x).
 LLMCOMPRESSOR_SPEC="${LLMCOMPRESSOR_SPEC:-llmcompressor==0.14.0.1}"
+# onnxruntime-genai itself only requires numpy + onnxruntime; its model builder
+# (python -m onnxruntime_genai.models.builder) also imports torch, transformers,
+# onnx_ir, onnx (via onnxruntime.quantization's MatMulNBits quantizer),
+# safetensors and tqdm, which are not declared dependencies.
+ORTGENAI_SPEC="${ORTGENAI_SPEC:-onnxruntime-genai==0.18.0}"
 
 mkdir -p "$VENVS"
 # Pin torch for every pip call after the first one, including the isolated build
@@ -85,12 +94,20 @@ setup_llmcompressor() {
   report llmcompressor torch llmcompressor compressed-tensors transformers accelerate numpy safetensors datasets auto-round
 }
 
+setup_ortgenai() {
+  make_venv ortgenai
+  local py="$VENVS/ortgenai/bin/python"
+  "$py" -m pip install -q "$ORTGENAI_SPEC" transformers onnx onnx-ir safetensors tqdm
+  report ortgenai torch onnxruntime-genai onnxruntime onnx onnx-ir transformers tokenizers numpy safetensors
+}
+
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(gptqmodel llmcompressor)
 for t in "${targets[@]}"; do
   case "$t" in
     gptqmodel) setup_gptqmodel ;;
     llmcompressor) setup_llmcompressor ;;
+    ortgenai) setup_ortgenai ;;
     *) echo "unknown peer: $t" >&2; exit 2 ;;
   esac
 done

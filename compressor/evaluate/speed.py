@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def measure(kind: str, path: str, cfg: SpeedConfig, device: str = "cpu", timeout: float = 1800) -> dict[str, Any]:
-    """`kind` is "model" (`path` is a ModelConfig as JSON: the baseline), "checkpoint" (a safetensors folder) or
-    "gguf" (a GGUF file, run in llama.cpp)."""
+    """`kind` is "model" (`path` is a ModelConfig as JSON: the baseline), "checkpoint" (a safetensors folder),
+    "gguf" (a GGUF file, run in llama.cpp) or "onnx" (an export folder, run in onnxruntime)."""
     cmd = [sys.executable, "-m", "compressor.evaluate.speed_worker", "--kind", kind, "--path", path,
            "--device", device, "--config", cfg.model_dump_json()]
     env = dict(os.environ)

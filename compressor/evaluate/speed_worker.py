@@ -15,7 +15,7 @@ def main() -> None:
     from compressor.recipe import ModelConfig, SpeedConfig
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kind", choices=["model", "checkpoint", "gguf"], required=True)
+    ap.add_argument("--kind", choices=["model", "checkpoint", "gguf", "onnx"], required=True)
     ap.add_argument("--path", required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", required=True)
@@ -25,6 +25,9 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     if args.kind == "gguf":
         print(json.dumps(_llama_cpp(args.path, cfg)))
+        return
+    if args.kind == "onnx":
+        print(json.dumps(_onnxruntime(args.path, cfg, args.device)))
         return
 
     t0 = time.perf_counter()
@@ -126,6 +129,55 @@ def _llama_cpp(path: str, cfg) -> dict:
         "peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
         "threads": threads,
         "device": "cpu (llama.cpp)",
+        "prompt_tokens": cfg.prompt_tokens,
+        "decode_tokens": cfg.decode_tokens,
+        "prefill_tokens": cfg.prefill_tokens,
+    }
+
+
+def _onnxruntime(path: str, cfg, device: str) -> dict:
+    """The same protocol in onnxruntime: prefill of random ids in one run from an empty cache; decode one token at a
+    time (greedy), each step fed the previous step's `present` tensors."""
+    import numpy as np
+
+    from compressor.evaluate.llama_cpp_runtime import default_threads
+    from compressor.evaluate.onnx_runtime import open_decoder
+
+    threads = cfg.threads or default_threads()
+    t0 = time.perf_counter()
+    dec = open_decoder(path, threads, device)
+    load_s = time.perf_counter() - t0
+    rss_loaded = psutil.Process().memory_info().rss
+    gen = np.random.default_rng(0)
+    vocab = dec.session.get_outputs()[0].shape[-1]
+    vocab = vocab if isinstance(vocab, int) else dec.config["vocab_size"]
+    prefill_ids = gen.integers(0, vocab, (1, cfg.prefill_tokens))
+    prompt_ids = gen.integers(0, vocab, (1, cfg.prompt_tokens))
+
+    def prefill() -> float:
+        t = time.perf_counter()
+        dec.step(prefill_ids, dec.empty_cache(1), 0)
+        return time.perf_counter() - t
+
+    def decode() -> float:
+        logits, cache = dec.step(prompt_ids, dec.empty_cache(1), 0)
+        t = time.perf_counter()
+        for i in range(cfg.decode_tokens):
+            token = np.array([[int(np.argmax(logits[0, -1]))]])
+            logits, cache = dec.step(token, cache, cfg.prompt_tokens + i)
+        return (time.perf_counter() - t) / cfg.decode_tokens
+
+    dec.step(prefill_ids[:, :16], dec.empty_cache(1), 0)  # warm-up
+    prefill_s = statistics.median(prefill() for _ in range(cfg.repeats))
+    decode_s = statistics.median(decode() for _ in range(cfg.repeats))
+    return {
+        "load_seconds": round(load_s, 3),
+        "prefill_tokens_per_second": round(cfg.prefill_tokens / prefill_s, 2),
+        "decode_ms_per_token": round(decode_s * 1000, 3),
+        "rss_after_load_mb": round(rss_loaded / 2**20, 1),
+        "peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
+        "threads": threads,
+        "device": f"{device} (onnxruntime)",
         "prompt_tokens": cfg.prompt_tokens,
         "decode_tokens": cfg.decode_tokens,
         "prefill_tokens": cfg.prefill_tokens,
