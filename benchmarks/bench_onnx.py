@@ -111,6 +111,13 @@ def main() -> None:
                                 do_sample=False)[0, 128:].tolist()
     greedy = {name: open_decoder(folder, args.threads).generate(prompt, 64) == ref
               for name, folder in folders.items() if "fp32" in name}
+    if PEER_PY.is_file():  # the same export driven by onnxruntime-genai's generator (its genai_config.json)
+        import subprocess
+
+        proc = subprocess.run([str(PEER_PY), str(ROOT / "benchmarks/peers/genai_generate.py"),
+                               str(folders["compressor fp32"]), json.dumps(prompt), "64"],
+                              capture_output=True, text=True, check=True)
+        greedy["compressor fp32 in onnxruntime-genai"] = json.loads(proc.stdout.strip().splitlines()[-1]) == ref
 
     speeds = {}
     if not args.no_speed:

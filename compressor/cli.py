@@ -184,7 +184,7 @@ def _merge_data(artifact: Path, overrides: dict) -> dict:
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def inspect(path: Path, as_json: bool) -> None:
-    """Describe a checkpoint folder, a GGUF file (or its folder) or a run folder."""
+    """Describe a checkpoint folder, a GGUF file (or its folder), an ONNX export or a run folder."""
     from .run import RunError, inspect_artifact
 
     try:
@@ -198,6 +198,13 @@ def inspect(path: Path, as_json: bool) -> None:
         from .report import text_table
 
         click.echo(text_table(info))
+        return
+    if info["format"].startswith("onnx"):
+        for key in ("path", "format", "files_bytes", "opsets"):
+            click.echo(f"{key}: {info[key]}")
+        click.echo("operators: " + ", ".join(f"{k} x{v}" for k, v in info["operators"].items()))
+        click.echo("MatMulNBits: " + (", ".join(f"{k} x{v}" for k, v in info["matmul_nbits"].items()) or "none"))
+        click.echo(f"inputs: {len(info['inputs'])} ({', '.join(info['inputs'][:4])}, ...)")
         return
     if info["format"].startswith("gguf"):
         for key in ("path", "format", "architecture", "tokenizer_model", "tensors", "tensors_bytes", "file_bytes"):

@@ -82,6 +82,22 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"- Budget: {verdict}" + ("" if report["passed"] else ": " + "; ".join(report["failures"])), ""]
     lines += ["| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
     lines += ["| " + " | ".join(r) + " |" for r in t[1:]]
+    checks = []
+    for art in report["artifacts"]:
+        if "tokenizer_check" in art:
+            c = art["tokenizer_check"]
+            checks.append(f"- {art['name']}: llama.cpp tokenizes {c['identical']}/{c['texts']} sample texts as HF")
+        if "generation_check" in art:
+            c = art["generation_check"]
+            checks.append(f"- {art['name']}: greedy generation in {art['runtime']} matches {c['reference']} for "
+                          f"{c['identical_prefix']}/{c['new_tokens']} tokens after a {c['prompt_tokens']}-token "
+                          "prompt")
+        for key in ("gguf", "onnx"):
+            redone = (art.get(key) or {}).get("requantized")
+            if redone:
+                checks.append(f"- {art['name']}: {len(redone)} calibrated layer(s) rounded again to fit the format")
+    if checks:
+        lines += ["", "## Runtime checks", "", *checks]
     for stage in report["stages"]:
         lines += ["", f"## Stage: {stage['kind']} ({stage['seconds']:.1f} s)", "",
                   ", ".join(f"{k}={v}" for k, v in stage["summary"].items())]

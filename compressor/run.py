@@ -240,8 +240,7 @@ def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenize
         from export.onnx import write_onnx
 
         cfg = target.onnx
-        with atomic_dir(work / name) as tmp:
-            summary = write_onnx(model, tokenizer, tmp, cfg.options())
+        summary = write_onnx(model, tokenizer, work / name, cfg.options())
         if summary.requantized:
             log.warning("export %s: %d calibrated layer(s) did not fit MatMulNBits and were rounded again: %s", name,
                         len(summary.requantized), ", ".join(summary.requantized[:5]))

@@ -124,15 +124,27 @@ def check_model(model: nn.Module, options: OnnxOptions, where: str = "export.onn
 
 
 def write_onnx(model: nn.Module, tokenizer: Any, folder: Path, options: OnnxOptions,
-               generation_config: Any = None) -> OnnxSummary:
-    """Write `model.onnx` (+ `model.onnx.data` when large), config, generation config and tokenizer into `folder`
-    (which the caller publishes atomically)."""
-    import onnx
+               generation_config: Any = None, overwrite: bool = False) -> OnnxSummary:
+    """Write `model.onnx` (+ `model.onnx.data` when large), config, generation config and tokenizer into `folder`.
+
+    The folder appears only complete: it is written under a temporary name and renamed at the end, so a failure
+    or an interrupt leaves nothing behind. An existing non-empty folder is replaced only with `overwrite`."""
+    from compressor.fileio import atomic_dir
 
     check_runtime(options)
     spec = check_model(model, options)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise OnnxError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
+    with atomic_dir(folder) as tmp:
+        summary = _write(model, tokenizer, tmp, spec, options, generation_config)
+    return summary
+
+
+def _write(model: nn.Module, tokenizer: Any, folder: Path, spec: DecoderSpec, options: OnnxOptions,
+           generation_config: Any) -> OnnxSummary:
+    import onnx
+
     summary = OnnxSummary()
     graph = _DecoderGraph(model, spec, options, summary)
     proto = graph.build()
@@ -153,7 +165,37 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: Path, options: OnnxOpti
         gen.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    (folder / "genai_config.json").write_text(json.dumps(genai_config(model, spec, options, gen), indent=2) + "\n")
     return summary
+
+
+def genai_config(model: nn.Module, spec: DecoderSpec, options: OnnxOptions, gen: Any) -> dict[str, Any]:
+    """The file onnxruntime-genai's generator reads to run the export (names of inputs/outputs, cache shape)."""
+    c = model.config
+
+    def token(name: str) -> Any:
+        value = getattr(gen, name, None) if gen is not None else None
+        return value if value is not None else getattr(c, name, None)
+
+    context = int(getattr(c, "max_position_embeddings", 4096))
+    return {
+        "model": {
+            "type": c.model_type, "context_length": context, "vocab_size": spec.vocab,
+            "bos_token_id": token("bos_token_id"), "eos_token_id": token("eos_token_id"),
+            "pad_token_id": token("pad_token_id") if token("pad_token_id") is not None else token("eos_token_id"),
+            "decoder": {
+                "filename": MODEL_FILE, "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": spec.head_dim, "hidden_size": spec.hidden, "num_attention_heads": spec.heads,
+                "num_hidden_layers": spec.layers, "num_key_value_heads": spec.kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": context, "num_beams": 1, "past_present_share_buffer": True},
+    }
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:

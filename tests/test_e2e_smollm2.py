@@ -44,3 +44,10 @@ def test_quickstart_on_the_real_model(tmp_path):
     assert abs(gguf["accuracy"]["perplexity"] / acc["perplexity"] - 1) < 0.03
     assert gguf["accuracy"]["kl_divergence"] < acc["kl_divergence"] * 1.3 + 0.01
     assert gguf["size"]["bits_per_weight"] < 6 and gguf["speed"]["decode_ms_per_token"] > 0
+    # The same codes in onnxruntime's MatMulNBits: all carried, scored in onnxruntime on the same ids; activations
+    # rounded to int8 per block and an int8 output projection keep it close to the torch numbers.
+    onnx = next(a for a in report["artifacts"] if a["format"] == "onnx-int4")
+    assert onnx["onnx"]["carried_codes"] == 30 * 7 and not onnx["onnx"]["requantized"]
+    assert abs(onnx["accuracy"]["perplexity"] / acc["perplexity"] - 1) < 0.01
+    assert onnx["generation_check"]["identical_prefix"] >= 8
+    assert onnx["size"]["bits_per_weight"] < 7 and onnx["speed"]["decode_ms_per_token"] > 0

@@ -227,3 +227,50 @@ def test_run_exports_onnx_and_checks_it_in_onnxruntime(model_dir_factory, tmp_pa
     with pytest.raises(RuntimeError, match="disk full"):
         run(Recipe.from_dict(recipe))
     assert not (tmp_path / "run2").exists() and list(tmp_path.iterdir()) == [out]
+
+
+def test_existing_folder_is_not_overwritten_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import export.onnx as onnx_export
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "mine.txt").write_text("user data")
+    with pytest.raises(OnnxError, match="exists and is not empty"):
+        write_onnx(tiny_model("llama"), None, target, OnnxOptions())
+    assert (target / "mine.txt").read_text() == "user data"
+
+    def broken(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export._DecoderGraph, "build", broken)
+    with pytest.raises(KeyboardInterrupt):
+        write_onnx(tiny_model("llama"), None, tmp_path / "new", OnnxOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_genai_config_describes_the_graph(tmp_path):
+    """onnxruntime-genai reads genai_config.json to drive the export; its names and shapes must be the graph's."""
+    import onnx
+
+    write_onnx(tiny_model("qwen2"), None, tmp_path, OnnxOptions(weights="int8"))
+    cfg = json.loads((tmp_path / "genai_config.json").read_text())["model"]
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    inputs = {i.name: i for i in graph.input}
+    dec = cfg["decoder"]
+    assert dec["inputs"]["past_key_names"] % 1 in inputs and dec["outputs"]["present_value_names"] % 1 in {
+        o.name for o in graph.output}
+    cache = [d.dim_value for d in inputs["past_key_values.0.key"].type.tensor_type.shape.dim]
+    assert cache[1] == dec["num_key_value_heads"] and cache[3] == dec["head_size"]
+    assert cfg["type"] == "qwen2" and cfg["vocab_size"] == 384
+
+
+def test_speed_is_measured_in_onnxruntime_in_a_fresh_process(tmp_path):
+    from compressor.evaluate import speed
+    from compressor.recipe import SpeedConfig
+
+    write_onnx(tiny_model("gemma2"), None, tmp_path, OnnxOptions(weights="int4"))
+    cfg = SpeedConfig(prompt_tokens=8, decode_tokens=4, prefill_tokens=16, repeats=1, threads=1)
+    result = speed.measure("onnx", str(tmp_path), cfg)
+    assert result["device"] == "cpu (onnxruntime)" and result["threads"] == 1
+    assert result["decode_ms_per_token"] > 0 and result["prefill_tokens_per_second"] > 0
+    assert result["peak_rss_mb"] >= result["rss_after_load_mb"] > 0

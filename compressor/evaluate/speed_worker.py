@@ -119,20 +119,7 @@ def _llama_cpp(path: str, cfg) -> dict:
 
     llm.reset()
     llm.eval(prefill_ids[:16])  # warm-up
-    prefill_s = statistics.median(prefill() for _ in range(cfg.repeats))
-    decode_s = statistics.median(decode() for _ in range(cfg.repeats))
-    return {
-        "load_seconds": round(load_s, 3),
-        "prefill_tokens_per_second": round(cfg.prefill_tokens / prefill_s, 2),
-        "decode_ms_per_token": round(decode_s * 1000, 3),
-        "rss_after_load_mb": round(rss_loaded / 2**20, 1),
-        "peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
-        "threads": threads,
-        "device": "cpu (llama.cpp)",
-        "prompt_tokens": cfg.prompt_tokens,
-        "decode_tokens": cfg.decode_tokens,
-        "prefill_tokens": cfg.prefill_tokens,
-    }
+    return _timed_result(cfg, load_s, rss_loaded, prefill, decode, threads, "cpu (llama.cpp)")
 
 
 def _onnxruntime(path: str, cfg, device: str) -> dict:
@@ -168,6 +155,11 @@ def _onnxruntime(path: str, cfg, device: str) -> dict:
         return (time.perf_counter() - t) / cfg.decode_tokens
 
     dec.step(prefill_ids[:, :16], dec.empty_cache(1), 0)  # warm-up
+    return _timed_result(cfg, load_s, rss_loaded, prefill, decode, threads, f"{device} (onnxruntime)")
+
+
+def _timed_result(cfg, load_s: float, rss_loaded: int, prefill, decode, threads: int, device: str) -> dict:
+    """Median of `cfg.repeats` runs of `prefill()` (seconds) and `decode()` (seconds per token), as JSON fields."""
     prefill_s = statistics.median(prefill() for _ in range(cfg.repeats))
     decode_s = statistics.median(decode() for _ in range(cfg.repeats))
     return {
@@ -177,7 +169,7 @@ def _onnxruntime(path: str, cfg, device: str) -> dict:
         "rss_after_load_mb": round(rss_loaded / 2**20, 1),
         "peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1),
         "threads": threads,
-        "device": f"{device} (onnxruntime)",
+        "device": device,
         "prompt_tokens": cfg.prompt_tokens,
         "decode_tokens": cfg.decode_tokens,
         "prefill_tokens": cfg.prefill_tokens,
