@@ -57,7 +57,7 @@ class EvalDataConfig(DataConfig):
 
 
 # ----------------------------------------------------------------------------------------------- stages
-QuantMethod = Literal["rtn", "gptq"]
+QuantMethod = Literal["rtn", "gptq", "awq"]
 
 
 class QuantizeConfig(_Strict):
@@ -76,6 +76,11 @@ class QuantizeConfig(_Strict):
     include: tuple[str, ...] = Field((), description="regexes; only linear layers whose name matches are quantized")
     exclude: tuple[str, ...] = Field((), description="regexes; matching linear layers stay in full precision")
     lm_head: bool = Field(False, description="also quantize the output projection (round to nearest)")
+    awq_scales: bool = Field(False, description="gptq: search AWQ scales first (folded into the preceding norm or "
+                                                "linear), then run GPTQ on the scaled weights")
+    awq_grid: int = Field(20, ge=1, le=200, description="AWQ: exponents tried for the scales (alpha = i/grid)")
+    duo_scaling: bool = Field(True, description="AWQ: scales from activations and weights "
+                                                "(rms(x)^a / mean|w|^(1-a)); false: activations only")
 
     @field_validator("group_size")
     @classmethod
@@ -100,7 +105,18 @@ class QuantizeConfig(_Strict):
     def _method_options(self) -> "QuantizeConfig":
         if self.method != "gptq" and self.act_order:
             raise ValueError("act_order applies to method gptq only")
+        if self.awq_scales and self.method != "gptq":
+            raise ValueError("awq_scales adds AWQ scales before GPTQ (method gptq); AWQ with round to nearest is "
+                             "method: awq")
         return self
+
+    @property
+    def uses_awq(self) -> bool:
+        return self.method == "awq" or self.awq_scales
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq")
 
 
 class QuantizeStage(_Strict):
@@ -308,8 +324,9 @@ class Recipe(_Strict):
         quant = self.quantize_configs()
         if len(quant) > 1:
             raise ValueError("stages: at most one quantize stage per recipe (got %d)" % len(quant))
-        if any(q.method == "gptq" for q in quant) and self.calibration is None:
-            raise ValueError("stages: method gptq needs a `calibration` section (text to calibrate on)")
+        for q in quant:
+            if q.needs_calibration and self.calibration is None:
+                raise ValueError(f"stages: method {q.method} needs a `calibration` section (text to calibrate on)")
         for i, exp in enumerate(self.export):
             if isinstance(exp, GGUFExport):
                 if exp.gguf.imatrix and self.calibration is None:

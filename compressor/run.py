@@ -172,6 +172,13 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
     if quant:
         packed = any(getattr(e, "safetensors", None) and e.safetensors.format == "gptq" for e in recipe.export)
         check_shapes(select_linears(model, quant[0]), quant[0], packed_export=packed)
+        if quant[0].uses_awq:
+            from .awq_maps import ScaleMapError, maps_for
+
+            try:
+                maps_for(model, models.decoder_layers(model)[0])
+            except ScaleMapError as e:
+                raise RunError(f"stages: {e}") from None
     for i, target in enumerate(recipe.export):
         if getattr(target, "gguf", None):
             from export.gguf import check_model

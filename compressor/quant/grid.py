@@ -17,16 +17,20 @@ def max_code(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def fit(w: torch.Tensor, bits: int, symmetric: bool, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for each row of ``w`` ([rows, n] -> [rows], [rows]); float32 scale, float32 integral zero."""
+def fit(w: torch.Tensor, bits: int, symmetric: bool, clip_search: bool = False,
+        importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of ``w`` ([rows, n] -> [rows], [rows]); float32 scale, float32 integral zero.
+
+    The clipping search minimizes the squared rounding error, weighted per column by `importance` ([n], e.g. the
+    mean squared input of each column: then it is the output error) when given."""
     w = w.float()
     if not clip_search:
         return _fit_range(w, bits, symmetric, 1.0)
     best_scale, best_zero = _fit_range(w, bits, symmetric, 1.0)
-    best_err = _error(w, best_scale, best_zero, bits)
+    best_err = _error(w, best_scale, best_zero, bits, importance)
     for ratio in CLIP_RATIOS[1:]:
         scale, zero = _fit_range(w, bits, symmetric, ratio)
-        err = _error(w, scale, zero, bits)
+        err = _error(w, scale, zero, bits, importance)
         better = err < best_err
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
@@ -58,9 +62,11 @@ def _storable(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, tiny, scale)
 
 
-def _error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def _error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+           importance: torch.Tensor | None = None) -> torch.Tensor:
     q = dequantize(quantize(w, scale.unsqueeze(1), zero.unsqueeze(1), bits), scale.unsqueeze(1), zero.unsqueeze(1))
-    return (q - w).pow(2).sum(dim=1)
+    err = (q - w).pow(2)
+    return (err if importance is None else err * importance.float()[None, :]).sum(dim=1)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -69,8 +69,9 @@ class QuantizedTensor:
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 clip_search: bool = False) -> QuantizedTensor:
-    """Round to nearest on per-group grids fitted to ``w`` ([out, in])."""
+                 clip_search: bool = False, importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """Round to nearest on per-group grids fitted to ``w`` ([out, in]); `importance` ([in]) weighs the clipping
+    search's error per input column."""
     out, inp = w.shape
     gs = inp if group_size == -1 else group_size
     w = w.float()
@@ -80,7 +81,8 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     zeros = torch.empty(out, groups)
     for g in range(groups):
         cols = slice(g * gs, min((g + 1) * gs, inp))
-        scale, zero = grid.fit(w[:, cols], bits, symmetric, clip_search)
+        scale, zero = grid.fit(w[:, cols], bits, symmetric, clip_search,
+                               None if importance is None else importance[cols])
         codes[:, cols] = grid.quantize(w[:, cols], scale[:, None], zero[:, None], bits).to(torch.uint8)
         scales[:, g], zeros[:, g] = scale, zero
     return QuantizedTensor(codes, scales.half(), zeros.to(torch.uint8), bits, gs, symmetric)

@@ -5,9 +5,12 @@ import logging
 import re
 import time
 
+import torch
 from torch import nn
 
+from ..algorithms.awq import search_scales
 from ..algorithms.gptq import factorize, gptq_quantize
+from ..awq_maps import fold, maps_for
 from ..models import decoder_layers, output_projection
 from ..quant.tensor import QuantizedTensor, QuantLinear, quantize_rtn
 from ..recipe import QuantizeConfig
@@ -73,7 +76,22 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
                                               "symmetric": cfg.symmetric, "act_order": cfg.act_order,
                                               "layers": len(targets)})
     head = targets.pop("lm_head", None)
-    if cfg.method == "rtn":
+    awq = None
+    if cfg.uses_awq:
+        if ctx.calibration is None:
+            raise ValueError("AWQ needs calibration windows")
+        awq = _AWQStage(model, cfg, set(targets))
+        run_layerwise(model, ctx.calibration, awq, batch_size=ctx.batch_size, device=ctx.device, label="awq scales")
+        report.summary["awq_scaled_groups"] = sum(1 for r in awq.groups if r["alpha"] is not None)
+        report.summary["awq_groups"] = len(awq.groups)
+    if cfg.method == "awq":
+        for i, (name, module) in enumerate(targets.items()):
+            qt = quantize_rtn(module.weight.detach().cpu(), cfg.bits, cfg.group_size, cfg.symmetric,
+                              clip_search=True, importance=awq.importance[name].cpu())
+            _replace(model, name, module, qt, report, loss=None, damp=None)
+            if (i + 1) % 50 == 0 or i + 1 == len(targets):
+                log.info("quantize awq: %d/%d layers rounded (activation-aware clipping)", i + 1, len(targets))
+    elif cfg.method == "rtn":
         for i, (name, module) in enumerate(targets.items()):
             _replace(model, name, module, _rtn(module, cfg), report, loss=None, damp=None)
             if (i + 1) % 50 == 0 or i + 1 == len(targets):
@@ -83,6 +101,13 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
             raise ValueError("quantize gptq needs calibration windows")
         run_layerwise(model, ctx.calibration, _GPTQStage(model, cfg, set(targets), report),
                       batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq")
+    if awq is not None:
+        rows = {r["name"]: r for r in report.layers}
+        for g in awq.groups:
+            for name in g["names"]:
+                if name in rows:
+                    rows[name]["awq_alpha"] = g["alpha"]
+                    rows[name]["awq_loss_ratio"] = g["loss_ratio"]
     if head is not None:
         # The head sees the final hidden states, which the block-wise runner never collects: round to nearest.
         _replace(model, "lm_head", head, _rtn(head, cfg), report, loss=None, damp=None)
@@ -107,6 +132,48 @@ def _replace(model: nn.Module, name: str, module: nn.Linear, qt: QuantizedTensor
         row["gptq_loss"] = round(loss, 6)
         row["damp"] = damp
     report.layers.append(row)
+
+
+class _AWQStage:
+    """Searches and folds AWQ scales group by group; the weights stay float (quantized afterwards). Keeps each
+    layer's mean squared input after scaling, which the activation-aware clipping of method awq weighs errors by."""
+
+    def __init__(self, model: nn.Module, cfg: QuantizeConfig, names: set[str]) -> None:
+        self.model, self.cfg, self.names = model, cfg, names
+        self.prefixes = {id(m): n for n, m in model.named_modules()}
+        self.importance: dict[str, torch.Tensor] = {}
+        self.groups: list[dict] = []
+
+    def wants(self, name: str, module: nn.Module) -> bool:
+        return name in self.names
+
+    def accumulator(self, module: nn.Module) -> HessianAccumulator:
+        return HessianAccumulator(module.in_features, module.weight.device)
+
+    def process(self, block_index: int, block: nn.Module, group) -> None:
+        cfg = self.cfg
+        prefix = self.prefixes[id(block)]
+        names = list(group)
+        hessian = next(iter(group.values()))[1].hessian
+        rel = {n[len(prefix) + 1:] for n in names}
+        scale_map = next((m for m in maps_for(self.model, block) if set(m.linears) == rel), None)
+        row = {"names": names, "alpha": None, "loss_ratio": None}
+        scales = torch.ones(hessian.shape[0], device=hessian.device)
+        if scale_map is not None:
+            def rtn(w: torch.Tensor) -> torch.Tensor:
+                return quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric).dequantize().to(w.device)
+
+            res = search_scales([block.get_submodule(n).weight.detach() for n in scale_map.linears], hessian, rtn,
+                                grid=cfg.awq_grid, duo_scaling=cfg.duo_scaling, group_size=cfg.group_size)
+            row["alpha"] = res.alpha
+            row["loss_ratio"] = round(res.loss / res.loss_unscaled, 4) if res.loss_unscaled else None
+            if res.alpha is not None:
+                fold(self.model, block, scale_map, res.scales)
+                scales = res.scales
+        self.groups.append(row)
+        diag = torch.diag(hessian) / scales.to(hessian.device) ** 2  # the inputs are divided by the scales now
+        for n in names:
+            self.importance[n] = diag
 
 
 class _GPTQStage:
