@@ -28,7 +28,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    ap.add_argument("--method", default="gptq", choices=["gptq", "rtn", "awq"])
+    ap.add_argument("--awq-scales", action=argparse.BooleanOptionalAction, default=False,
+                    help="gptq: AWQ scales first")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
@@ -42,7 +44,7 @@ def main() -> None:
     calib = load_file(args.calib)["input_ids"]
     cfg = QuantizeConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
                          act_order=args.act_order and args.method == "gptq", damp=args.damp,
-                         clip_search=args.clip_search)
+                         clip_search=args.clip_search, awq_scales=args.awq_scales)
     start = time.perf_counter()
     apply_stage(QuantizeStage(quantize=cfg), model, StageContext(calibration=calib, batch_size=args.batch_size))
     seconds = time.perf_counter() - start

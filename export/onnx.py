@@ -493,9 +493,13 @@ class _DecoderGraph:
     def mlp(self, i: int, mlp: nn.Module, h: str) -> str:
         g = self.g
         prefix = f"model.layers.{i}.mlp"
-        gate = self.linear(h, self.matrix(mlp.gate_proj, f"{prefix}.gate_proj", self.opts.weights),
-                           f"{prefix}.gate_proj")
-        up = self.linear(h, self.matrix(mlp.up_proj, f"{prefix}.up_proj", self.opts.weights), f"{prefix}.up_proj")
+        mats = [self.matrix(getattr(mlp, p), f"{prefix}.{p}", self.opts.weights) for p in ("gate_proj", "up_proj")]
+        fused = _concat(mats)  # one kernel call instead of two where the layouts agree
+        if fused is not None:
+            sizes = g.const(f"{prefix}.gate_up_split", np.array([mats[0].n, mats[1].n], np.int64))
+            gate, up = g.op("Split", [self.linear(h, fused, f"{prefix}.gate_up_proj"), sizes], 2, axis=-1)
+        else:
+            gate, up = (self.linear(h, m, f"{prefix}.{p}") for m, p in zip(mats, ("gate_proj", "up_proj")))
         act = self.spec.activation
         if act == "silu":
             a = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
