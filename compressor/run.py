@@ -63,7 +63,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Path:
         raise RunError(f"output {out} already holds a run; pass --overwrite to replace it, or set another output")
     for section, cfg, split in (("calibration", recipe.calibration, "train"),
                                 ("evaluate.data", recipe.evaluate.data if recipe.evaluate else None, "test")):
-        if cfg is not None:
+        if cfg is not None and cfg.source != data.MODEL_SOURCE:
             try:
                 data.load_text(cfg, split)
             except data.DataError as e:
@@ -194,7 +194,11 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
     _check_lengths(recipe, model)
 
     with timings.phase("prepare data"):
-        calib = data.calibration_windows(tokenizer, recipe.calibration) if recipe.calibration else None
+        calib = None
+        if recipe.calibration and recipe.calibration.source == data.MODEL_SOURCE:
+            calib = data.generated_windows(model, tokenizer, recipe.calibration, device)
+        elif recipe.calibration:
+            calib = data.calibration_windows(tokenizer, recipe.calibration)
         windows = data.evaluation_windows(tokenizer, recipe.evaluate.data) if recipe.evaluate else None
     baseline = copy.deepcopy(model) if recipe.evaluate else None
 
@@ -303,8 +307,10 @@ def _describe_calibration(recipe: Recipe, calib: torch.Tensor | None) -> dict[st
         return None
     c = recipe.calibration
     split = c.split or "train"
+    where = ("sampled from the model itself (data-free)" if c.source == data.MODEL_SOURCE
+             else f"from {c.source} ({split})")
     return {"source": c.source, "split": split, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
-            "description": f"{c.samples} x {c.seq_len} tokens from {c.source} ({split}), seed {c.seed}"}
+            "description": f"{c.samples} x {c.seq_len} tokens {where}, seed {c.seed}"}
 
 
 def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torch.nn.Module,

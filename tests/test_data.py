@@ -77,3 +77,32 @@ def test_same_text_detection(tmp_path):
     assert same_text(DataConfig(split="test"), DataConfig())
     assert same_text(DataConfig(source="a.txt"), DataConfig(source="a.txt"))
     assert not same_text(DataConfig(source="a.txt"), DataConfig(source="b.txt"))
+
+
+def test_data_free_calibration_samples_from_the_model(tokenizer_dir, model_dir_factory, tmp_path):
+    """`source: model` draws seeded sequences from the model itself; a run calibrates GPTQ on them; evaluation
+    refuses generated text."""
+    from transformers import AutoTokenizer
+
+    from compressor.data import generated_windows
+    from compressor.recipe import Recipe, RecipeError
+    from compressor.run import run
+
+    from conftest import tiny_model, tiny_recipe
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_model("llama")
+    cfg = CalibrationConfig(source="model", samples=5, seq_len=12, seed=3)
+    a = generated_windows(model, tok, cfg, batch_size=2)
+    assert a.shape == (5, 12) and a.dtype == torch.long and int(a.max()) < 384
+    assert torch.equal(a, generated_windows(model, tok, cfg, batch_size=2))
+    assert not torch.equal(a, generated_windows(model, tok, cfg.model_copy(update={"seed": 4}), batch_size=2))
+    assert not set(a[:, 0].tolist()) & set(tok.all_special_ids)
+
+    recipe = tiny_recipe(model_dir_factory("llama"), tmp_path / "run",
+                         calibration={"source": "model", "samples": 4, "seq_len": 32, "batch_size": 4})
+    result = run(Recipe.from_dict(recipe))
+    assert "sampled from the model itself" in result.report["calibration"]["description"]
+    assert result.report["stages"][0]["summary"]["method"] == "gptq"
+    with pytest.raises(RecipeError, match="for calibration only"):
+        Recipe.from_dict({**recipe, "evaluate": {"data": {"source": "model"}}})

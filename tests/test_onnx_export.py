@@ -274,3 +274,16 @@ def test_speed_is_measured_in_onnxruntime_in_a_fresh_process(tmp_path):
     assert result["device"] == "cpu (onnxruntime)" and result["threads"] == 1
     assert result["decode_ms_per_token"] > 0 and result["prefill_tokens_per_second"] > 0
     assert result["peak_rss_mb"] >= result["rss_after_load_mb"] > 0
+
+
+def test_cuda_execution_provider_is_used_when_present(monkeypatch, caplog):
+    """No GPU here: onnxruntime's provider list is mocked to say whether CUDA is available."""
+    from compressor.evaluate.onnx_runtime import providers
+
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level("WARNING"):
+        assert providers("cuda") == ["CPUExecutionProvider"]
+    assert "onnxruntime-gpu" in caplog.text
