@@ -255,6 +255,9 @@ def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenize
         if summary.requantized:
             log.warning("export %s: %d calibrated layer(s) did not fit MatMulNBits and were rounded again: %s", name,
                         len(summary.requantized), ", ".join(summary.requantized[:5]))
+        if summary.dequantized:
+            log.info("export %s: %d calibrated layer(s) written as %s weights (dequantized codes)", name,
+                     summary.dequantized, cfg.weights)
         return {"name": name, "format": f"onnx-{cfg.weights}", "path": name, "runtime": "onnxruntime",
                 "files": file_hashes(work / name), "onnx": summary.to_dict()}
     if isinstance(target, GGUFExport):

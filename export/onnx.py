@@ -71,18 +71,16 @@ class OnnxSummary:
     rounded_here: int = 0  # float layers rounded to the block grid by the exporter
     requantized: list[str] = field(default_factory=list)  # calibrated layers that had to be rounded again
     float_layers: int = 0
+    dequantized: int = 0  # calibrated layers written as float weights (a float export of a quantized model)
     operators: dict[str, int] = field(default_factory=dict)
     external_data: bool = False
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def required_operators() -> dict[str, str]:
-    """Operator -> domain, for the runtime check before an export."""
-    return {"GroupQueryAttention": MS, "MatMulNBits": MS, "SkipSimplifiedLayerNormalization": MS,
-            "GatherBlockQuantized": MS, "SimplifiedLayerNormalization": ""}
+_OPERATOR_DOMAINS = {"GroupQueryAttention": MS, "MatMulNBits": MS, "SkipSimplifiedLayerNormalization": MS,
+                     "GatherBlockQuantized": MS, "SimplifiedLayerNormalization": ""}
 
 
 def check_runtime(options: OnnxOptions) -> None:
@@ -99,8 +97,7 @@ def check_runtime(options: OnnxOptions) -> None:
         needed.add("MatMulNBits")
     if options.embedding_kind() in _BITS:
         needed.add("GatherBlockQuantized")
-    ops = required_operators()
-    missing = sorted(n for n in needed if (ops[n], n) not in have)
+    missing = sorted(n for n in needed if (_OPERATOR_DOMAINS[n], n) not in have)
     gqa = schemas.get((MS, "GroupQueryAttention"))
     if gqa is not None and len(gqa.inputs) < 10:
         missing.append("GroupQueryAttention with a position_ids input")
@@ -294,9 +291,8 @@ class _DecoderGraph:
         qt = module.qweight if isinstance(module, QuantLinear) else None
         n, k = (qt.shape if qt is not None else tuple(module.weight.shape))
         if kind in _FLOAT or kind == "float":
-            if qt is not None:
-                self.summary.notes.append(f"{name}: calibrated codes written dequantized ({kind} export)")
             self.summary.float_layers += 1
+            self.summary.dequantized += qt is not None
             return _Matrix(n, k, float_weight=module.weight.detach().float(), bias=bias)
         bits = _BITS[kind]
         if qt is not None and carries_exactly(qt, bits):
