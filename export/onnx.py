@@ -206,15 +206,15 @@ def describe_onnx(path: Path) -> dict[str, Any]:
     proto = onnx.load(str(file), load_external_data=False)
     ops: dict[str, int] = {}
     layouts: dict[str, int] = {}
+    by_bits: dict[int, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
         if node.op_type == "MatMulNBits":
             a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-            key = f"int{a.get('bits', 4)} block {a.get('block_size')} accuracy_level {a.get('accuracy_level', 0)}"
+            bits = a.get("bits", 4)
+            key = f"int{bits} block {a.get('block_size')} accuracy_level {a.get('accuracy_level', 0)}"
             layouts[key] = layouts.get(key, 0) + 1
-    by_bits: dict[int, int] = {}
-    for key, count in layouts.items():
-        by_bits[int(key.split()[0][3:])] = by_bits.get(int(key.split()[0][3:]), 0) + count
+            by_bits[bits] = by_bits.get(bits, 0) + 1
     if by_bits:
         fmt = f"onnx-int{max(by_bits, key=by_bits.get)}"  # the decoder's layers; the head may differ
     else:
