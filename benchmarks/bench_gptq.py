@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--only", help="comma-separated exact variant names to run (default: all)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score the outputs of earlier runs (OUT/<variant>/result.json) instead of quantizing again")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -99,6 +101,10 @@ def main() -> None:
     results = {}
     for name, cmd, kind in variants:
         out = args.out / _slug(name)
+        if args.reuse and (out / "result.json").is_file():
+            res = json.loads((out / "result.json").read_text())
+            results[name] = {"kind": kind, "dir": str(out), **res}
+            continue
         env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", PYTHONPATH=str(ROOT))
         t = time.perf_counter()
         _run(cmd + ["--model", str(hf), "--calib", str(calib_file), "--out", str(out)], env=env)

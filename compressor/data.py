@@ -158,7 +158,6 @@ def generated_windows(model: torch.nn.Module, tokenizer, cfg: CalibrationConfig,
                       batch_size: int = 32) -> torch.Tensor:
     """Data-free calibration: `samples` sequences of `seq_len` tokens sampled from the model (temperature 1, seeded),
     each started from a random ordinary token, as in LLM-QAT. Shape [samples, seq_len]."""
-    import inspect
     import time
 
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -167,8 +166,9 @@ def generated_windows(model: torch.nn.Module, tokenizer, cfg: CalibrationConfig,
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
     start = time.perf_counter()
-    # transformers renamed the KV-cache argument (past_key_values -> cache) within 5.x
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from .models import cache_argument
+
+    cache_arg = cache_argument(model)
     for b in range(0, cfg.samples, batch_size):
         n = min(batch_size, cfg.samples - b)
         ids = ordinary[torch.randint(0, ordinary.numel(), (n, 1), generator=gen)].to(device)

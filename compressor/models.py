@@ -172,3 +172,11 @@ def parameter_count(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument and output of a transformers model (renamed from past_key_values to cache
+    within transformers 5.x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -127,5 +127,5 @@ def test_speed_and_memory_are_measured_in_a_fresh_process(model_dir_factory, tmp
     report = run(Recipe.from_dict(recipe)).report
     for row in (report["baseline"], report["artifacts"][0]):
         s = row["speed"]
-        assert s["decode_ms_per_token"] >= 0 and s["prefill_tokens_per_second"] > 0 and s["peak_rss_mb"] > 50
+        assert s["decode_ms_per_token"] > 0 and s["prefill_tokens_per_second"] > 0 and s["peak_rss_mb"] > 50
     assert "kl_divergence" not in report["artifacts"][0]["accuracy"]
