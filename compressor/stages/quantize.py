@@ -134,7 +134,19 @@ def _replace(model: nn.Module, name: str, module: nn.Linear, qt: QuantizedTensor
     report.layers.append(row)
 
 
-class _AWQStage:
+class _HessianStage:
+    """A layerwise stage over the chosen linears (`self.names`) that needs each input group's second moment."""
+
+    names: set[str]
+
+    def wants(self, name: str, module: nn.Module) -> bool:
+        return name in self.names
+
+    def accumulator(self, module: nn.Module) -> HessianAccumulator:
+        return HessianAccumulator(module.in_features, module.weight.device)
+
+
+class _AWQStage(_HessianStage):
     """Searches and folds AWQ scales group by group; the weights stay float (quantized afterwards). Keeps each
     layer's mean squared input after scaling, which the activation-aware clipping of method awq weighs errors by."""
 
@@ -144,11 +156,6 @@ class _AWQStage:
         self.importance: dict[str, torch.Tensor] = {}
         self.groups: list[dict] = []
 
-    def wants(self, name: str, module: nn.Module) -> bool:
-        return name in self.names
-
-    def accumulator(self, module: nn.Module) -> HessianAccumulator:
-        return HessianAccumulator(module.in_features, module.weight.device)
 
     def process(self, block_index: int, block: nn.Module, group) -> None:
         cfg = self.cfg
@@ -176,15 +183,10 @@ class _AWQStage:
             self.importance[n] = diag
 
 
-class _GPTQStage:
+class _GPTQStage(_HessianStage):
     def __init__(self, model: nn.Module, cfg: QuantizeConfig, names: set[str], report: StageReport) -> None:
         self.model, self.cfg, self.names, self.report = model, cfg, names, report
 
-    def wants(self, name: str, module: nn.Module) -> bool:
-        return name in self.names
-
-    def accumulator(self, module: nn.Module) -> HessianAccumulator:
-        return HessianAccumulator(module.in_features, module.weight.device)
 
     def process(self, block_index: int, block: nn.Module, group) -> None:
         cfg = self.cfg
