@@ -25,7 +25,7 @@ from torch import nn
 from compressor.quant.tensor import QuantLinear, quantize_rtn
 
 from .onnx_arch import DecoderSpec, rotary_tables, spec_for
-from .onnx_weights import BlockWeights, block_weights, carries_exactly
+from .onnx_weights import BlockWeights, block_weights, carries_exactly, concat_rows
 
 log = logging.getLogger("compressor")
 
@@ -516,25 +516,7 @@ def _concat(mats: list[_Matrix]) -> _Matrix | None:
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.n) for m in mats])
     if all(m.block is None for m in mats):
         return _Matrix(n, first.k, float_weight=torch.cat([m.float_weight for m in mats]), bias=bias)
-    blocks = [m.block for m in mats]
-    if any(b is None for b in blocks) or len({(b.bits, b.block_size) for b in blocks}) != 1:
-        return None
-    b0 = blocks[0]
-    zero_points = None
-    if any(b.zero_points is not None for b in blocks):
-        zero_points = np.concatenate([b.zero_points if b.zero_points is not None else _default_zero_points(b)
-                                      for b in blocks])
-    merged = BlockWeights(np.concatenate([b.packed for b in blocks]), np.concatenate([b.scales for b in blocks]),
-                          zero_points, b0.bits, b0.block_size, n, b0.k)
-    return _Matrix(n, first.k, block=merged, bias=bias)
-
-
-def _default_zero_points(b: BlockWeights) -> np.ndarray:
-    from .onnx_weights import pack_rows
-
-    blocks = b.packed.shape[1]
-    per = 8 // b.bits
-    cols = -(-blocks // per) * per
-    return pack_rows(torch.full((b.n, cols), 1 << (b.bits - 1), dtype=torch.uint8), b.bits).numpy()
+    merged = concat_rows([m.block for m in mats])
+    return None if merged is None else _Matrix(n, first.k, block=merged, bias=bias)
 
 

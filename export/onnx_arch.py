@@ -91,7 +91,7 @@ def spec_for(model: nn.Module) -> DecoderSpec:
 
 def rotary_tables(model: nn.Module, spec: DecoderSpec, positions: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """cos/sin tables [positions, head_dim/2] per layer type, from the model's own rotary module, so every rope
-    variant transformers implements (linear, dynamic-free llama3, yarn scaling factors) comes out as it computes it."""
+    variant with fixed tables (linear, llama3, yarn) comes out as transformers computes it."""
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     if rotary is None:
         raise ArchitectureError("ONNX export: the model has no rotary embedding module (model.rotary_emb)")

@@ -70,6 +70,22 @@ def block_weights(qt: QuantizedTensor, bits: int, scale_dtype: np.dtype = np.flo
                         else zero_points.numpy(), bits, block, n, k)
 
 
+def concat_rows(blocks: list[BlockWeights | None]) -> BlockWeights | None:
+    """Matrices of one input stacked along N (one operator call for q/k/v or gate/up), or None where they are not
+    all in the same block layout. A matrix on the default zero point gets it written out when another has its own."""
+    if any(b is None for b in blocks) or len({(b.bits, b.block_size, b.k) for b in blocks}) != 1:
+        return None
+    b0 = blocks[0]
+    zero_points = None
+    if any(b.zero_points is not None for b in blocks):
+        default = [pack_rows(_pad_to_bytes(torch.full((b.n, b.packed.shape[1]), 1 << (b.bits - 1),
+                                                      dtype=torch.uint8), b.bits), b.bits).numpy() for b in blocks]
+        zero_points = np.concatenate([b.zero_points if b.zero_points is not None else d
+                                      for b, d in zip(blocks, default)])
+    return BlockWeights(np.concatenate([b.packed for b in blocks]), np.concatenate([b.scales for b in blocks]),
+                        zero_points, b0.bits, b0.block_size, sum(b.n for b in blocks), b0.k)
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 [R, C] codes (< 2**bits, C * bits a multiple of 8) -> uint8 [R, C * bits / 8], low bits first."""
     per = 8 // bits

@@ -287,3 +287,18 @@ def test_cuda_execution_provider_is_used_when_present(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert providers("cuda") == ["CPUExecutionProvider"]
     assert "onnxruntime-gpu" in caplog.text
+
+
+def test_stacked_layouts_keep_each_matrix_and_its_zero_points():
+    """q/k/v or gate/up go into one operator call: a symmetric matrix (default zero point) stacked with an
+    asymmetric one (own zero points) dequantizes to both matrices, in order."""
+    from export.onnx_weights import concat_rows
+
+    w1, w2 = torch.randn(6, 64), torch.randn(10, 64)
+    a = block_weights(quantize_rtn(w1, 4, 32, symmetric=True), 4)
+    b = block_weights(quantize_rtn(w2, 4, 32, symmetric=False), 4)
+    assert a.zero_points is None and b.zero_points is not None
+    both = concat_rows([a, b])
+    expected = torch.cat([quantize_rtn(w1, 4, 32, True).dequantize(), quantize_rtn(w2, 4, 32, False).dequantize()])
+    assert torch.equal(dequantize_block_weights(both), expected)
+    assert concat_rows([a, block_weights(quantize_rtn(w2, 8, 32, True), 8)]) is None
