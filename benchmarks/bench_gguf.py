@@ -11,7 +11,9 @@ subset, seed 0. Variants:
   * compressor GPTQ W4 g32 symmetric codes written as Q4_0 (embedding/output types chosen by llama.cpp's Q4_0 rules,
     as in llama.cpp's own Q4_0), without and with the importance matrix for those tensors
 
-    python benchmarks/bench_gguf.py [--windows 16] [--gptq DIR]   # DIR: a GPTQ checkpoint from bench_gptq.py
+    python benchmarks/bench_gguf.py [--windows 16] [--gptq DIR] [--label "AWQ+GPTQ W4 g32 sym"] [--only REGEX]
+    # DIR: a GPTQ/AWQ checkpoint from bench_gptq.py; --only keeps the variants whose name matches (the F16 file is
+    # always written, it is the source of llama.cpp's own quantizations)
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,9 +39,7 @@ from compressor.evaluate.accuracy import TorchRuntime, compare  # noqa: E402
 from compressor.evaluate.llama_cpp_runtime import LlamaCppRuntime  # noqa: E402
 from compressor.models import load, resolve  # noqa: E402
 from compressor.recipe import CalibrationConfig, EvalDataConfig, ModelConfig, SpeedConfig  # noqa: E402
-from export.gguf import TypePlan, _imatrix_by_gguf_name, _llama_quantize, llama_cpp_module, tensor_type_counts, \
-    write_gguf  # noqa: E402
-from export.gguf_arch import arch_for  # noqa: E402
+from export.gguf import llama_cpp_module, llama_quantize_file, tensor_type_counts, write_gguf  # noqa: E402
 from export.safetensors import load_checkpoint  # noqa: E402
 
 
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "gguf")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--gptq", type=Path, default=ROOT / "benchmarks/out/gptq/compressor-gptq-w4-g32-sym-act-order/gptq")
+    ap.add_argument("--label", default="GPTQ W4 g32 sym", help="what the --gptq checkpoint holds, for the table")
+    ap.add_argument("--only", default="", help="regex: evaluate only the variants whose name matches")
     ap.add_argument("--no-speed", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,21 +86,28 @@ def main() -> None:
         imatrix = mean_squared_inputs(baseline, calib, batch_size=8)
         torch.save(imatrix, imatrix_file)
         print(f"importance matrix in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-    by_name = _imatrix_by_gguf_name(imatrix, arch_for(baseline.config), tied_head=True)
+
+    def wanted(name: str) -> bool:
+        return re.search(args.only, name) is not None
 
     for ftype, use_imatrix in (("Q4_0", False), ("Q4_0", True), ("IQ4_NL", True), ("Q4_K_M", True)):
         name = f"llama.cpp {ftype}" + (" + imatrix" if use_imatrix else "")
+        if not wanted(name):
+            continue
         files[name] = fresh(f"llama-{ftype.lower()}{'-imatrix' if use_imatrix else ''}.gguf")
         t = time.perf_counter()
-        _llama_quantize(llama_cpp, files["compressor F16"], files[name], TypePlan.of(ftype), {},
-                        by_name if use_imatrix else {}, None)
+        llama_quantize_file(files["compressor F16"], files[name], ftype, baseline.config,
+                            imatrix if use_imatrix else None)
         notes[name] = f"quantized in {time.perf_counter() - t:.1f}s"
 
     if (args.gptq / "config.json").is_file():
         gptq_model, _ = load_checkpoint(args.gptq)
         for use_imatrix in (False, True):
-            name = "compressor GPTQ W4 g32 sym -> Q4_0" + (" (+ imatrix for embd/output)" if use_imatrix else "")
-            files[name] = fresh(f"compressor-gptq-q4_0{'-imatrix' if use_imatrix else ''}.gguf")
+            name = f"compressor {args.label} -> Q4_0" + (" (+ imatrix for embd/output)" if use_imatrix else "")
+            if not wanted(name):
+                continue
+            slug = re.sub(r"[^a-z0-9]+", "-", args.label.lower()).strip("-")
+            files[name] = fresh(f"compressor-{slug}-q4_0{'-imatrix' if use_imatrix else ''}.gguf")
             summary = write_gguf(gptq_model, tok, files[name], "q4_0", source_gguf=source_gguf,
                                  imatrix=imatrix if use_imatrix else None)
             notes[name] = (f"{len(summary.carried_codes)} layers' GPTQ codes carried over, "
@@ -106,6 +116,8 @@ def main() -> None:
     else:
         print(f"no GPTQ checkpoint at {args.gptq}: run benchmarks/bench_gptq.py first; skipping", file=sys.stderr)
 
+    if not wanted("compressor F16"):
+        files.pop("compressor F16")
     runtimes = [LlamaCppRuntime(name, path, n_ctx=2048) for name, path in files.items()]
     t = time.perf_counter()
     metrics = compare(TorchRuntime("torch float32", baseline), runtimes, windows)

@@ -8,6 +8,7 @@ loaded back by compressor's loader, must give the same logits as the in-memory q
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import resource
 import time
@@ -38,15 +39,24 @@ def main() -> None:
     ap.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--mixed-target", type=float, default=None,
+                    help="mixed precision: average stored bits per weight over the quantized layers")
+    ap.add_argument("--mixed-choices", default="2,3,4,5,8", help="mixed precision: comma-separated widths")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # stage progress, on stderr
 
     model, tokenizer, _ = load(ModelConfig(id=args.model))
     calib = load_file(args.calib)["input_ids"]
     cfg = QuantizeConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
                          act_order=args.act_order and args.method == "gptq", damp=args.damp,
-                         clip_search=args.clip_search, awq_scales=args.awq_scales)
+                         clip_search=args.clip_search, awq_scales=args.awq_scales,
+                         mixed=None if args.mixed_target is None else {
+                             "target_bits": args.mixed_target,
+                             "choices": [int(c) if c.strip().isdigit() else c.strip()
+                                         for c in args.mixed_choices.split(",")]})
     start = time.perf_counter()
-    apply_stage(QuantizeStage(quantize=cfg), model, StageContext(calibration=calib, batch_size=args.batch_size))
+    report = apply_stage(QuantizeStage(quantize=cfg), model,
+                         StageContext(calibration=calib, batch_size=args.batch_size))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -61,9 +71,10 @@ def main() -> None:
     with torch.no_grad():
         diff = (loaded(ids).logits - model(ids).logits).abs().max().item()
     result = {"peer": "compressor", "seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1),
-              "roundtrip_max_abs_logit_diff": diff, "settings": cfg.model_dump(mode="json")}
+              "roundtrip_max_abs_logit_diff": diff, "settings": cfg.model_dump(mode="json"),
+              "stage": report.to_dict()}
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "stage"}))
 
 
 if __name__ == "__main__":

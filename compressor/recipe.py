@@ -70,6 +70,49 @@ class EvalDataConfig(DataConfig):
 QuantMethod = Literal["rtn", "gptq", "awq"]
 
 
+class MixedPrecisionConfig(_Strict):
+    """Per-layer widths chosen to meet a size target with the least predicted error (see compressor/mixed.py)."""
+
+    target_bits: float = Field(gt=0, description="average stored bits per weight over the quantized layers: codes "
+                                                  "plus float16 scales (and zero points when asymmetric); 4.5 is the "
+                                                  "size of 4-bit symmetric groups of 32 (GGUF Q4_0)")
+    choices: tuple[int | str, ...] = Field(
+        (2, 3, 4, 5, 8), min_length=1,
+        description="widths a layer may get: a bit count (with the stage's group_size) or 'BITSgGROUP' such as "
+                    "'4g128'")
+    samples: int | None = Field(32, gt=0, description="calibration windows for the sensitivity pass (a forward "
+                                                      "and backward pass, about 4 forward passes' cost); null: all")
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, v: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        for c in v:
+            parse_width(c, 32)
+        return v
+
+    def widths(self, group_size: int) -> list[tuple[int, int]]:
+        """The choices as sorted, distinct (bits, group_size) pairs."""
+        return sorted({parse_width(c, group_size) for c in self.choices})
+
+
+def parse_width(choice: int | str, group_size: int) -> tuple[int, int]:
+    """A mixed-precision choice (8, '4g128', '3g-1') as (bits, group_size)."""
+    import re
+
+    if isinstance(choice, int):
+        bits, group = choice, group_size
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:g\s*(-1|\d+))?\s*", str(choice))
+        if m is None:
+            raise ValueError(f"choice {choice!r} is neither a bit count nor 'BITSgGROUP' such as '4g128'")
+        bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else group_size
+    if bits not in (2, 3, 4, 5, 8):
+        raise ValueError(f"choice {choice!r}: bits must be one of 2, 3, 4, 5, 8")
+    if group != -1 and group < 8:
+        raise ValueError(f"choice {choice!r}: group size must be -1 (per channel) or >= 8")
+    return bits, group
+
+
 class QuantizeConfig(_Strict):
     """Weight-only quantization of linear layers."""
 
@@ -91,6 +134,8 @@ class QuantizeConfig(_Strict):
     awq_grid: int = Field(20, ge=1, le=200, description="AWQ: exponents tried for the scales (alpha = i/grid)")
     duo_scaling: bool = Field(True, description="AWQ: scales from activations and weights "
                                                 "(rms(x)^a / mean|w|^(1-a)); false: activations only")
+    mixed: MixedPrecisionConfig | None = Field(None, description="choose bits (and group size) per layer to meet a "
+                                                                 "size target; `bits` is then the AWQ search width")
 
     @field_validator("group_size")
     @classmethod
@@ -118,6 +163,14 @@ class QuantizeConfig(_Strict):
         if self.awq_scales and self.method != "gptq":
             raise ValueError("awq_scales adds AWQ scales before GPTQ (method gptq); AWQ with round to nearest is "
                              "method: awq")
+        if self.mixed is not None:
+            from .mixed import bits_per_weight
+
+            costs = [bits_per_weight(b, g, self.symmetric) for b, g in self.mixed.widths(self.group_size)]
+            if self.mixed.target_bits < min(costs):
+                raise ValueError(f"mixed.target_bits {self.mixed.target_bits} is below the smallest choice "
+                                 f"({min(costs):.3f} bits per weight with scales); allowed range "
+                                 f"{min(costs):.3f} to {max(costs):.3f}, or add a narrower choice")
         return self
 
     @property
@@ -126,7 +179,7 @@ class QuantizeConfig(_Strict):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq")
+        return self.method in ("gptq", "awq") or self.mixed is not None
 
 
 class QuantizeStage(_Strict):

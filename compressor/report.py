@@ -44,6 +44,13 @@ _COLUMNS = [  # (header, getter, format)
 ]
 
 
+def _cell(value: Any) -> str:
+    """A table cell; a mapping (e.g. predicted KL per width) as `key: value` pairs."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in value.items())
+    return str(value)
+
+
 def _mb(b: int | None) -> float | None:
     return None if b is None else b / 1e6
 
@@ -104,7 +111,7 @@ def markdown(report: dict[str, Any]) -> str:
         if stage["layers"]:
             keys = list(stage["layers"][0])
             lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in stage["layers"]]
+            lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in stage["layers"]]
     for note in report.get("notes", []):
         lines += ["", f"> {note}"]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,8 @@ from compressor.quant.tensor import QuantLinear
 from .gguf_arch import Arch, ArchitectureError, arch_for, extra_tensors, gguf_tensor_name, hyperparameters, \
     to_gguf_layout
 from .gguf_blocks import BLOCK, BLOCK_TYPES, encode_codes, encode_dense, mismatch
-from .gguf_types import DIRECT_TYPES, FILE_TYPES, FLOAT_TYPES, LLAMA_FILE_TYPES, TENSOR_TYPES
+from .gguf_types import DIRECT_TYPES, FILE_TYPE_BITS, FILE_TYPES, FLOAT_TYPES, LAYER_TYPES, LLAMA_FILE_TYPES, \
+    TENSOR_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class GGUFSummary:
     refit: list[str] = field(default_factory=list)  # codes re-chosen because a float16 offset moved
     max_code_error: float = 0.0  # largest |written - calibrated| weight among carried codes
     llama_quantizer: bool = False
+    layer_types: dict[str, int] = field(default_factory=dict)  # own-width layers (mixed precision): type -> count
     imatrix_entries: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -165,9 +167,13 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str | Ty
     config = model.config
     arch = arch_for(config)
     _check_attention_scale(config)
+    own = layer_overrides(model, plan, arch)
+    plan = TypePlan(plan.file_type, plan.embedding, plan.output, plan.overrides + tuple(own.items()))
     two_step = plan.needs_llama
     llama_cpp = llama_cpp_module() if two_step else None
     summary = GGUFSummary(plan.file_type, llama_quantizer=two_step)
+    for t in own.values():
+        summary.layer_types[t] = summary.layer_types.get(t, 0) + 1
 
     if path.exists():
         raise GGUFError(f"{path} already exists; not overwriting it")
@@ -190,6 +196,23 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str | Ty
                              f"so codes were re-chosen against it (largest weight change {summary.max_code_error:.3g})")
     summary.tensor_types = tensor_type_counts(path)
     return summary
+
+
+def layer_overrides(model: nn.Module, plan: TypePlan, arch: Arch) -> dict[str, str]:
+    """{exact GGUF name pattern: type} for quantized layers whose code width differs from the file type's (a
+    mixed-precision plan): each keeps its own width (LAYER_TYPES). The recipe's own tensor_types win over these."""
+    file_bits = FILE_TYPE_BITS.get(plan.file_type)
+    if file_bits is None:
+        return {}  # a float file: quantized layers are written dequantized, as asked
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear) or m.bits == file_bits:
+            continue
+        gname = gguf_tensor_name(f"{name}.weight", arch)
+        if gname is None or plan.requested(gname) is not None:
+            continue
+        out[f"^{re.escape(gname)}$"] = LAYER_TYPES[(m.bits, m.symmetric)]
+    return out
 
 
 def _up(t: str | None) -> str | None:
@@ -371,6 +394,21 @@ def _field_item(f: Any, index: int, vtype: Any) -> Any:
 
 
 # -------------------------------------------------------------------------------------- llama.cpp step
+def llama_quantize_file(src: Path, dst: Path, file_type: str, config: Any,
+                        imatrix: dict[str, torch.Tensor] | None = None, threads: int | None = None) -> None:
+    """llama.cpp's own quantization of the GGUF file `src` (e.g. an F16 export of the model whose transformers
+    `config` is given) into `dst`, which must not exist; `imatrix` is keyed by transformers layer names, as
+    compressor.activation_stats.mean_squared_inputs computes it. For reference files in benchmarks and tests."""
+    if dst.exists():
+        raise GGUFError(f"{dst} already exists; not overwriting it")
+    tied_head = "output.weight" not in {t.name for t in _reader(src).tensors}
+    by_name = _imatrix_by_gguf_name(imatrix, arch_for(config), tied_head)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        part = Path(tmp) / dst.name
+        _llama_quantize(llama_cpp_module(), src, part, TypePlan.of(file_type), {}, by_name, threads)
+        os.replace(part, dst)
+
+
 def _imatrix_by_gguf_name(imatrix: dict[str, torch.Tensor] | None, arch: Arch,
                           tied_head: bool) -> dict[str, np.ndarray]:
     """Keyed by GGUF tensor name. With tied embeddings llama.cpp multiplies by token_embd for the output, so the

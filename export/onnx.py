@@ -25,7 +25,7 @@ from torch import nn
 from compressor.quant.tensor import QuantLinear, quantize_rtn
 
 from .onnx_arch import DecoderSpec, rotary_tables, spec_for
-from .onnx_weights import BlockWeights, block_weights, carries_exactly, concat_rows
+from .onnx_weights import BlockWeights, block_weights, carries_exactly, concat_rows, container_bits
 
 log = logging.getLogger("compressor")
 
@@ -72,6 +72,7 @@ class OnnxSummary:
     requantized: list[str] = field(default_factory=list)  # calibrated layers that had to be rounded again
     float_layers: int = 0
     dequantized: int = 0  # calibrated layers written as float weights (a float export of a quantized model)
+    own_width: dict[int, int] = field(default_factory=dict)  # operator bits -> layers kept at their own width
     operators: dict[str, int] = field(default_factory=dict)
     external_data: bool = False
 
@@ -295,6 +296,10 @@ class _DecoderGraph:
             self.summary.dequantized += qt is not None
             return _Matrix(n, k, float_weight=module.weight.detach().float(), bias=bias)
         bits = _BITS[kind]
+        own = container_bits(qt.bits) if qt is not None else None
+        if own is not None and own != bits and name != "lm_head" and carries_exactly(qt, own):
+            bits = own  # a layer of another width (mixed precision) keeps it; the head follows its own option
+            self.summary.own_width[bits] = self.summary.own_width.get(bits, 0) + 1
         if qt is not None and carries_exactly(qt, bits):
             self.summary.carried_codes += 1
             return _Matrix(n, k, block=block_weights(qt, bits, self.dtype), bias=bias)

@@ -6,10 +6,13 @@ GPTQ format, per quantized linear ``<name>``:
   ``<name>.scales``  float16 [groups, out]
   ``<name>.g_idx``   int32 [in]  group of each input column
 and ``quantization_config`` (quant_method gptq) in config.json plus a ``quantize_config.json`` for older loaders.
+Layers at another width than the checkpoint's (mixed precision) are listed in ``dynamic`` as GPTQModel and vLLM read
+it: ``{"+:^<name>$": {"bits": b, "group_size": g}}``.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +42,20 @@ def write_gptq(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = "
         raise CheckpointError("GPTQ format: the model has no quantized layer")
     first = next(iter(quantized.values()))
     for name, m in quantized.items():
-        if (m.bits, m.symmetric) != (first.bits, first.symmetric):
-            raise CheckpointError(f"GPTQ format: {name} has bits/symmetric {m.bits}/{m.symmetric}, others "
-                                  f"{first.bits}/{first.symmetric}; one checkpoint holds one setting")
-    group_size = _group_size_setting(quantized)
+        if m.symmetric != first.symmetric:
+            raise CheckpointError(f"GPTQ format: {name} is {'' if m.symmetric else 'a'}symmetric, others are not; "
+                                  "one checkpoint holds one setting")
+    # A layer with a single group per output channel fits both "-1" and "groups of in_features": it takes the
+    # checkpoint's setting where that fits it, so only real differences go to `dynamic`.
+    fixed = {name: (m.bits, m.group_size) for name, m in quantized.items() if m.group_size != m.in_features}
+    counts: dict[tuple[int, int], int] = {}
+    for w in fixed.values() or [(m.bits, -1) for m in quantized.values()]:
+        counts[w] = counts.get(w, 0) + 1
+    base_bits, group_size = max(counts, key=lambda w: (counts[w], w))  # the most common width; others in dynamic
+    widths = {name: fixed.get(name) or (m.bits, group_size if group_size in (-1, m.in_features) else -1)
+              for name, m in quantized.items()}
+    dynamic = {f"+:^{re.escape(name)}$": {"bits": b, "group_size": g} for name, (b, g) in widths.items()
+               if (b, g) != (base_bits, group_size)}
     tensors = _plain_tensors(model, skip=set(quantized), dtype=_DTYPES[dtype])
     for name, m in quantized.items():
         tensors.update(gptq_tensors(name, m.qweight))
@@ -50,7 +63,7 @@ def write_gptq(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = "
             tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16).contiguous()
     qconfig = {
         "quant_method": "gptq",
-        "bits": first.bits,
+        "bits": base_bits,
         "group_size": group_size,
         "desc_act": False,  # act_order ran with static groups: columns stay in order, g_idx is trivial
         "sym": first.symmetric,
@@ -58,24 +71,11 @@ def write_gptq(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = "
         "checkpoint_format": "gptq",
         "lm_head": "lm_head" in quantized,
         "meta": {"quantizer": [f"compressor:{__version__}"]},
+        **({"dynamic": dynamic} if dynamic else {}),
         **(extra_config or {}),
     }
     _write(model, tokenizer, directory, tensors, dtype, qconfig)
     (directory / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
-
-
-def _group_size_setting(quantized: dict[str, QuantLinear]) -> int:
-    """The one group size of the checkpoint: -1 when every layer has a single group per output channel."""
-    grouped = {m.group_size for m in quantized.values() if m.group_size != m.in_features}
-    if not grouped:
-        return -1
-    if len(grouped) > 1:
-        raise CheckpointError(f"GPTQ format: layers use group sizes {sorted(grouped)}; one checkpoint holds one")
-    size = grouped.pop()
-    odd = [n for n, m in quantized.items() if m.group_size == m.in_features and m.in_features != size]
-    if odd:
-        raise CheckpointError(f"GPTQ format: {odd[0]} is quantized per channel while others use groups of {size}")
-    return size
 
 
 def gptq_tensors(name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -216,11 +216,12 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def _install_gptq_layers(model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: dict[str, Any]) -> None:
     from compressor.stages.base import set_submodule
 
-    bits = int(qconfig["bits"])
     sym = bool(qconfig.get("sym", True))
     v2 = qconfig.get("checkpoint_format", "gptq") == "gptq_v2"
     names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
     for name in names:
+        layer = _layer_setting(qconfig, name)
+        bits, group_size = int(layer["bits"]), int(layer.get("group_size", -1))
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise CheckpointError(f"{name}: quantized tensors for a {type(module).__name__}, expected a Linear")
@@ -232,7 +233,6 @@ def _install_gptq_layers(model: nn.Module, tensors: dict[str, torch.Tensor], qco
         if not v2:
             zeros = (zeros + 1) & ((1 << bits) - 1)
         g_idx = tensors.pop(f"{name}.g_idx", None)
-        group_size = int(qconfig.get("group_size", -1))
         gs = in_f if group_size == -1 else group_size
         if -(-in_f // gs) != groups:
             raise CheckpointError(f"{name}: {groups} groups of scales for {in_f} columns in groups of {gs}")
@@ -241,3 +241,16 @@ def _install_gptq_layers(model: nn.Module, tensors: dict[str, torch.Tensor], qco
                              bits, gs, sym, None if trivial else g_idx.to(torch.int32))
         bias = tensors.pop(f"{name}.bias", None)
         set_submodule(model, name, QuantLinear(qt, bias.float() if bias is not None else None))
+
+
+def _layer_setting(qconfig: dict[str, Any], name: str) -> dict[str, Any]:
+    """The checkpoint's bits/group_size for layer `name`, with the first matching `dynamic` override applied."""
+    setting = {"bits": qconfig["bits"], "group_size": qconfig.get("group_size", -1)}
+    for pattern, override in (qconfig.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                raise CheckpointError(f"{name}: quantized tensors for a layer that `dynamic` excludes ({pattern})")
+            continue
+        if re.match(pattern.removeprefix("+:"), name):
+            return {**setting, **{k: v for k, v in override.items() if k in ("bits", "group_size")}}
+    return setting

@@ -13,7 +13,7 @@ from compressor.evaluate.accuracy import TorchRuntime, compare
 from compressor.evaluate.llama_cpp_runtime import LlamaCppRuntime, tokenizer_agreement
 from compressor.recipe import QuantizeConfig, QuantizeStage
 from compressor.stages import StageContext, apply_stage
-from export.gguf import GGUFError, TypePlan, check_model, write_gguf
+from export.gguf import GGUFError, TypePlan, check_model, llama_quantize_file, write_gguf
 from export.gguf_arch import ArchitectureError
 
 from conftest import FAMILIES, tiny_model
@@ -140,6 +140,15 @@ def test_k_quant_with_importance_matrix(tokenizer, tmp_path):
     # A random tiny model has a nearly flat next-token distribution, so 4 bits move top-1 a lot; the real-model
     # figures are in benchmarks/bench_gguf.py.
     assert res["gguf"]["kl_divergence"] < 0.5 and res["gguf"]["top1_agreement"] > 0.5
+
+    # The same quantization from an F16 file (how benchmarks make llama.cpp's reference files): same tensors.
+    f16, again = tmp_path / "f16.gguf", tmp_path / "again.gguf"
+    write_gguf(model, tokenizer, f16, "f16")
+    llama_quantize_file(f16, again, "q4_k_m", model.config, imatrix)
+    c = {t.name: t for t in gguf.GGUFReader(str(again)).tensors}
+    assert np.array_equal(c["blk.0.ffn_up.weight"].data, b["blk.0.ffn_up.weight"].data)
+    with pytest.raises(GGUFError, match="already exists"):
+        llama_quantize_file(f16, again, "q4_k_m", model.config, imatrix)
 
 
 def test_codes_that_do_not_fit_are_requantized_and_reported(tokenizer, tmp_path):

@@ -11,6 +11,7 @@ from torch import nn
 from ..algorithms.awq import search_scales
 from ..algorithms.gptq import factorize, gptq_quantize
 from ..awq_maps import fold, maps_for
+from ..mixed import MixedPrecisionError, check_target, plan_summary, plan_widths
 from ..models import decoder_layers, output_projection
 from ..quant.tensor import QuantizedTensor, QuantLinear, quantize_rtn
 from ..recipe import QuantizeConfig
@@ -52,21 +53,33 @@ def _selected(name: str, cfg: QuantizeConfig) -> bool:
     return not any(re.search(p, name) for p in cfg.exclude)
 
 
+def stage_widths(cfg: QuantizeConfig) -> list[tuple[int, int]]:
+    """Every (bits, group_size) the stage may give a layer."""
+    return cfg.mixed.widths(cfg.group_size) if cfg.mixed is not None else [(cfg.bits, cfg.group_size)]
+
+
 def check_shapes(targets: dict[str, nn.Linear], cfg: QuantizeConfig, packed_export: bool) -> None:
-    """Refuse, before any long work, group sizes and packings that a layer's shape cannot hold."""
+    """Refuse, before any long work, group sizes and packings that a layer's shape cannot hold, and a
+    mixed-precision target that the allowed widths cannot meet."""
     problems = []
-    for name, module in targets.items():
-        out_f, in_f = module.weight.shape
-        if cfg.group_size != -1 and in_f % cfg.group_size:
-            divisors = [g for g in (32, 64, 128, 256) if in_f % g == 0] or ["-1 (per channel)"]
-            problems.append(f"{name}: in_features {in_f} is not a multiple of group_size {cfg.group_size} "
-                            f"(group sizes that fit: {', '.join(map(str, divisors))})")
-        elif packed_export and (in_f * cfg.bits) % 32 or packed_export and (out_f * cfg.bits) % 32:
-            problems.append(f"{name}: shape {out_f}x{in_f} cannot be packed into 32-bit words at {cfg.bits} bits "
-                            f"for the GPTQ format; export format: dense can hold it")
+    for bits, group_size in stage_widths(cfg):
+        for name, module in targets.items():
+            out_f, in_f = module.weight.shape
+            if group_size != -1 and in_f % group_size:
+                divisors = [g for g in (32, 64, 128, 256) if in_f % g == 0] or ["-1 (per channel)"]
+                problems.append(f"{name}: in_features {in_f} is not a multiple of group_size {group_size} "
+                                f"(group sizes that fit: {', '.join(map(str, divisors))})")
+            elif packed_export and ((in_f * bits) % 32 or (out_f * bits) % 32):
+                problems.append(f"{name}: shape {out_f}x{in_f} cannot be packed into 32-bit words at {bits} bits "
+                                f"for the GPTQ format; export format: dense can hold it")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ShapeError("quantize: " + "; ".join(problems[:5]) + more)
+    if cfg.mixed is not None:
+        try:
+            check_target({n: tuple(m.weight.shape) for n, m in targets.items() if n != "lm_head"}, cfg)
+        except MixedPrecisionError as e:
+            raise ShapeError(str(e)) from None
 
 
 def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> StageReport:
@@ -84,22 +97,31 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
         run_layerwise(model, ctx.calibration, awq, batch_size=ctx.batch_size, device=ctx.device, label="awq scales")
         report.summary["awq_scaled_groups"] = sum(1 for r in awq.groups if r["alpha"] is not None)
         report.summary["awq_groups"] = len(awq.groups)
+    widths = {name: (cfg.bits, cfg.group_size) for name in targets}
+    plan = {}
+    if cfg.mixed is not None:
+        if ctx.calibration is None:
+            raise ValueError("mixed precision needs calibration windows")
+        plan = {r["name"]: r for r in plan_widths(model, targets, cfg, ctx.calibration, ctx.batch_size, ctx.device)}
+        widths = {name: (r["bits"], r["group_size"]) for name, r in plan.items()}
+        report.summary["mixed"] = plan_summary(list(plan.values()), cfg)
     if cfg.method == "awq":
         for i, (name, module) in enumerate(targets.items()):
-            qt = quantize_rtn(module.weight.detach().cpu(), cfg.bits, cfg.group_size, cfg.symmetric,
+            bits, group_size = widths[name]
+            qt = quantize_rtn(module.weight.detach().cpu(), bits, group_size, cfg.symmetric,
                               clip_search=True, importance=awq.importance[name].cpu())
             _replace(model, name, module, qt, report, loss=None, damp=None)
             if (i + 1) % 50 == 0 or i + 1 == len(targets):
                 log.info("quantize awq: %d/%d layers rounded (activation-aware clipping)", i + 1, len(targets))
     elif cfg.method == "rtn":
         for i, (name, module) in enumerate(targets.items()):
-            _replace(model, name, module, _rtn(module, cfg), report, loss=None, damp=None)
+            _replace(model, name, module, _rtn(module, cfg, widths[name]), report, loss=None, damp=None)
             if (i + 1) % 50 == 0 or i + 1 == len(targets):
                 log.info("quantize rtn: %d/%d layers", i + 1, len(targets))
     else:
         if ctx.calibration is None:
             raise ValueError("quantize gptq needs calibration windows")
-        run_layerwise(model, ctx.calibration, _GPTQStage(model, cfg, set(targets), report),
+        run_layerwise(model, ctx.calibration, _GPTQStage(model, cfg, widths, report),
                       batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq")
     if awq is not None:
         rows = {r["name"]: r for r in report.layers}
@@ -108,16 +130,19 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
                 if name in rows:
                     rows[name]["awq_alpha"] = g["alpha"]
                     rows[name]["awq_loss_ratio"] = g["loss_ratio"]
+    for row in report.layers:
+        if row["name"] in plan:
+            row["predicted_kl"] = plan[row["name"]]["predicted_kl"]
     if head is not None:
         # The head sees the final hidden states, which the block-wise runner never collects: round to nearest.
-        _replace(model, "lm_head", head, _rtn(head, cfg), report, loss=None, damp=None)
+        _replace(model, "lm_head", head, _rtn(head, cfg, (cfg.bits, cfg.group_size)), report, loss=None, damp=None)
         model.config.tie_word_embeddings = False
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _rtn(module: nn.Linear, cfg: QuantizeConfig) -> QuantizedTensor:
-    return quantize_rtn(module.weight.detach().cpu(), cfg.bits, cfg.group_size, cfg.symmetric, cfg.clip_search)
+def _rtn(module: nn.Linear, cfg: QuantizeConfig, width: tuple[int, int]) -> QuantizedTensor:
+    return quantize_rtn(module.weight.detach().cpu(), width[0], width[1], cfg.symmetric, cfg.clip_search)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Linear, qt: QuantizedTensor, report: StageReport,
@@ -184,8 +209,10 @@ class _AWQStage(_HessianStage):
 
 
 class _GPTQStage(_HessianStage):
-    def __init__(self, model: nn.Module, cfg: QuantizeConfig, names: set[str], report: StageReport) -> None:
-        self.model, self.cfg, self.names, self.report = model, cfg, names, report
+    def __init__(self, model: nn.Module, cfg: QuantizeConfig, widths: dict[str, tuple[int, int]],
+                 report: StageReport) -> None:
+        self.model, self.cfg, self.widths, self.report = model, cfg, widths, report
+        self.names = set(widths)
 
 
     def process(self, block_index: int, block: nn.Module, group) -> None:
@@ -193,7 +220,8 @@ class _GPTQStage(_HessianStage):
         _, acc = next(iter(group.values()))
         factor = factorize(acc.hessian, cfg.act_order, cfg.damp)  # shared by the group: one input, one Hessian
         for name, (module, _) in group.items():
-            res = gptq_quantize(module.weight.detach(), None, cfg.bits, cfg.group_size, cfg.symmetric,
+            bits, group_size = self.widths[name]
+            res = gptq_quantize(module.weight.detach(), None, bits, group_size, cfg.symmetric,
                                 act_order=cfg.act_order, block_size=cfg.block_size, clip_search=cfg.clip_search,
                                 factor=factor)
             _replace(self.model, name, module, res.qweight, self.report, loss=res.loss, damp=res.damp)
