@@ -103,6 +103,10 @@ def markdown(report: dict[str, Any]) -> str:
             redone = (art.get(key) or {}).get("requantized")
             if redone:
                 checks.append(f"- {art['name']}: {len(redone)} calibrated layer(s) rounded again to fit the format")
+            own = (art.get(key) or {}).get("layer_types") or (art.get(key) or {}).get("own_width")
+            if own:
+                kinds = ", ".join(f"{n} as {t if key == 'gguf' else f'{t}-bit'}" for t, n in own.items())
+                checks.append(f"- {art['name']}: layers kept at their own width (mixed precision): {kinds}")
     if checks:
         lines += ["", "## Runtime checks", "", *checks]
     for stage in report["stages"]:
