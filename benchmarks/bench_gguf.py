@@ -29,18 +29,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from compressor.activation_stats import mean_squared_inputs  # noqa: E402
-from compressor.data import calibration_windows, evaluation_windows  # noqa: E402
 from compressor.evaluate import speed  # noqa: E402
 from compressor.evaluate.accuracy import TorchRuntime, compare  # noqa: E402
 from compressor.evaluate.llama_cpp_runtime import LlamaCppRuntime  # noqa: E402
-from compressor.models import load, resolve  # noqa: E402
-from compressor.recipe import CalibrationConfig, EvalDataConfig, ModelConfig, SpeedConfig  # noqa: E402
+from compressor.recipe import SpeedConfig  # noqa: E402
 from export.gguf import llama_cpp_module, llama_quantize_file, tensor_type_counts, write_gguf  # noqa: E402
 from export.safetensors import load_checkpoint  # noqa: E402
+from protocol import load_protocol  # noqa: E402
 
 
 def main() -> None:
@@ -55,15 +53,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     llama_cpp = llama_cpp_module()
 
-    model_cfg = ModelConfig(id="smollm2-135m-instruct")
-    src = resolve(model_cfg)
-    source_gguf = Path(src.path) / src.gguf_file
-    baseline, tok, _ = load(model_cfg)
-    calib = calibration_windows(tok, CalibrationConfig(
-        source=str(DATA / "wikitext-2-raw-v1/wiki.train.subset.raw"), line_records=True, samples=128, seq_len=512,
-        seed=0))
-    windows = evaluation_windows(tok, EvalDataConfig(source=str(DATA / "wikitext-2-raw-v1/wiki.test.raw"),
-                                                     line_records=True, windows=args.windows, seq_len=2048))
+    proto = load_protocol(args.windows)
+    baseline, tok, source_gguf, calib, windows = (proto.baseline, proto.tokenizer, proto.source_gguf,
+                                                  proto.calibration, proto.windows)
 
     files: dict[str, Path] = {}
     notes: dict[str, str] = {}

@@ -11,7 +11,6 @@ Symmetric formats only (SmolLM2's weights already lie on an asymmetric 4-bit gri
     derived from a llama.cpp file's size, written as GGUF (each layer Q4_0 / Q5_0 / Q8_0 with its calibrated codes)
     and, for the 3-bit class, as ONNX (MatMulNBits at 2 / 4 / 8 bits), evaluated in llama.cpp / onnxruntime.
 
-    python benchmarks/bench_gguf.py --only F16         # once: the F16 file and the importance matrix
     python benchmarks/bench_mixed.py [--windows 16] [--points q4_0-size,q5_k_m-size,onnx-3bit] [--reuse]
 
 Quantization runs in a fresh process per point (benchmarks/quantize_ours.py), whose wall time is reported.
@@ -29,21 +28,23 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from compressor.data import evaluation_windows  # noqa: E402
+from compressor.activation_stats import mean_squared_inputs  # noqa: E402
+from compressor.data import calibration_windows, evaluation_windows  # noqa: E402
 from compressor.evaluate.accuracy import TorchRuntime, compare  # noqa: E402
 from compressor.evaluate.llama_cpp_runtime import LlamaCppRuntime  # noqa: E402
 from compressor.evaluate.onnx_runtime import OnnxRuntimeModel  # noqa: E402
 from compressor.models import load, resolve  # noqa: E402
-from compressor.recipe import EvalDataConfig, ModelConfig, QuantizeConfig  # noqa: E402
+from compressor.recipe import ModelConfig, QuantizeConfig  # noqa: E402
 from compressor.stages.quantize import select_linears  # noqa: E402
 from export.gguf import llama_quantize_file, tensor_type_counts, write_gguf  # noqa: E402
 from export.onnx import OnnxOptions, write_onnx  # noqa: E402
 from export.safetensors import load_checkpoint  # noqa: E402
+from protocol import CALIBRATION, evaluation_config  # noqa: E402
 
 LLAMA_TYPES = ("Q3_K_M", "Q4_0", "IQ4_NL", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 # Bits per weight of the GGUF types a tied embedding may take here (rows of 576 rule out K-quants).
@@ -71,16 +72,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     f16 = args.gguf_dir / "f16.gguf"
     imatrix_file = args.gguf_dir / "imatrix-128x512.pt"
-    for needed in (f16, imatrix_file, args.calib, args.hf / "config.json"):
-        if not needed.exists():
-            sys.exit(f"{needed} is missing: run benchmarks/bench_gptq.py and benchmarks/bench_gguf.py first")
     model_cfg = ModelConfig(id="smollm2-135m-instruct")
     src = resolve(model_cfg)
     source_gguf = Path(src.path) / src.gguf_file
     baseline, tok, _ = load(model_cfg)
-    windows = evaluation_windows(tok, EvalDataConfig(source=str(DATA / "wikitext-2-raw-v1/wiki.test.raw"),
-                                                     line_records=True, windows=args.windows, seq_len=2048))
-    imatrix = torch.load(imatrix_file, weights_only=True)
+    windows = evaluation_windows(tok, evaluation_config(args.windows))
+    imatrix = _prerequisites(args, baseline, tok, source_gguf, f16, imatrix_file)
 
     def llama_file(ftype: str) -> Path:
         path = args.out / f"llama-{ftype.lower()}-imatrix.gguf"
@@ -168,6 +165,25 @@ def main() -> None:
               "windows": int(windows.shape[0]), "seq_len": 2048, "metrics": metrics, "info": info,
               "sizes": {n: _size(p) for n, p in files.items()}, "table": table}
     (args.out / f"results-{stamp}.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def _prerequisites(args, baseline, tok, source_gguf: Path, f16: Path, imatrix_file: Path) -> dict:
+    """The files bench_gptq.py / bench_gguf.py write (same protocol), made here when missing, so that this benchmark
+    runs alone on a fresh machine. Returns the importance matrix."""
+    if not (args.hf / "config.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "benchmarks/peers/make_hf_checkpoint.py"), "--out", str(args.hf)],
+                       check=True)
+    if not args.calib.is_file():
+        args.calib.parent.mkdir(parents=True, exist_ok=True)
+        calib = calibration_windows(tok, CALIBRATION)
+        save_file({"input_ids": calib.contiguous()}, str(args.calib))
+    args.gguf_dir.mkdir(parents=True, exist_ok=True)
+    if not f16.is_file():
+        write_gguf(baseline, tok, f16, "f16", source_gguf=source_gguf)
+    if not imatrix_file.is_file():
+        calib = load_file(str(args.calib))["input_ids"]
+        torch.save(mean_squared_inputs(baseline, calib, batch_size=8), imatrix_file)
+    return torch.load(imatrix_file, weights_only=True)
 
 
 def _quantize(args, folder: Path, target: float, choices: str) -> None:

@@ -95,6 +95,17 @@ class MixedPrecisionConfig(_Strict):
         return sorted({parse_width(c, group_size) for c in self.choices})
 
 
+def _valid_regexes(v: tuple[str, ...]) -> tuple[str, ...]:
+    import re
+
+    for pattern in v:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+    return v
+
+
 def parse_width(choice: int | str, group_size: int) -> tuple[int, int]:
     """A mixed-precision choice (8, '4g128', '3g-1') as (bits, group_size)."""
     import re
@@ -147,14 +158,7 @@ class QuantizeConfig(_Strict):
     @field_validator("include", "exclude")
     @classmethod
     def _regexes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        import re
-
-        for pattern in v:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
-        return v
+        return _valid_regexes(v)
 
     @model_validator(mode="after")
     def _method_options(self) -> "QuantizeConfig":
@@ -186,7 +190,178 @@ class QuantizeStage(_Strict):
     quantize: QuantizeConfig
 
 
-STAGE_KINDS = ("quantize",)
+PruneMethod = Literal["magnitude", "wanda", "sparsegpt"]
+
+
+class PruneConfig(_Strict):
+    """Remove individual weights of linear layers: a fraction of each layer (unstructured) or N of every M
+    consecutive inputs of each row. Shapes stay; later stages keep the zeros zero."""
+
+    method: PruneMethod = Field("sparsegpt", description="magnitude: smallest |w| of the layer; wanda: smallest "
+                                                         "|w|·‖x‖ of each row; sparsegpt: Hessian-based, updating "
+                                                         "the remaining weights")
+    sparsity: float | None = Field(None, ge=0, lt=1, description="fraction of each layer's weights removed, in "
+                                                                  "[0, 1), e.g. 0.5")
+    pattern: str | None = Field(None, description="N:M instead of `sparsity`: remove N of every M consecutive "
+                                                  "input weights of each row, e.g. '2:4' (what sparse tensor "
+                                                  "cores run)")
+    include: tuple[str, ...] = Field((), description="regexes; only linear layers whose name matches are pruned")
+    exclude: tuple[str, ...] = Field((), description="regexes; matching linear layers are left whole")
+    damp: float = Field(0.01, gt=0, le=1, description="sparsegpt: fraction of the mean Hessian diagonal added to it")
+    block_size: int = Field(128, gt=0, description="sparsegpt: columns whose mask is chosen together")
+    allocation: Literal["uniform", "owl"] = Field("uniform", description="uniform: every layer at `sparsity`; owl: "
+                                                                         "blocks with more activation outliers keep "
+                                                                         "more weights, same overall sparsity")
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="owl: block sparsities span target ± this")
+    owl_threshold: float = Field(5.0, gt=1, description="owl: a weight is an outlier when its Wanda score exceeds "
+                                                        "this many times the block's mean")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _valid_regexes(v)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_pattern(v)
+        return v
+
+    @model_validator(mode="after")
+    def _amount(self) -> "PruneConfig":
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give exactly one of sparsity (a fraction, e.g. 0.5) or pattern (N:M, e.g. '2:4')")
+        if self.allocation == "owl" and self.pattern is not None:
+            raise ValueError("allocation owl varies the sparsity per block; an N:M pattern is the same everywhere: "
+                             "use sparsity with owl, or allocation uniform")
+        if self.allocation == "owl" and self.sparsity + self.owl_lambda >= 1:
+            raise ValueError(f"owl: sparsity {self.sparsity} + owl_lambda {self.owl_lambda} reaches 1; some block "
+                             "would lose every weight")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude" or self.allocation == "owl"
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern) if self.pattern is not None else None
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if m is None or not 0 < int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"pattern {pattern!r} must be 'N:M' with 0 < N < M, e.g. '2:4' or '4:8'")
+    return int(m.group(1)), int(m.group(2))
+
+
+class PruneStage(_Strict):
+    prune: PruneConfig
+
+
+class PruneWidthConfig(_Strict):
+    """Remove whole MLP channels and attention KV groups: the matrices and the model config shrink, so every runtime
+    sees an ordinary, smaller model. The same number is removed in every block (transformers and ONNX need one
+    width per model); which ones is decided per block from calibration data."""
+
+    mlp: float = Field(0.0, ge=0, lt=1, description="fraction of each block's MLP intermediate channels removed, "
+                                                    "rounded so the width stays a multiple of `alignment`")
+    kv_groups: int = Field(0, ge=0, description="attention KV groups removed per block (a KV head with the query "
+                                                "heads that read it)")
+    alignment: int = Field(32, ge=1, description="the MLP width stays a multiple of this (quantization groups and "
+                                                 "GGUF blocks of 32 must still fit)")
+    reconstruct: bool = Field(True, description="refit down_proj / o_proj on the kept channels by least squares "
+                                                "on the calibration inputs, so they reproduce the block's output")
+    damp: float = Field(0.01, gt=0, le=1, description="reconstruct: fraction of the mean Hessian diagonal added")
+
+    @model_validator(mode="after")
+    def _something(self) -> "PruneWidthConfig":
+        if self.mlp == 0 and self.kv_groups == 0:
+            raise ValueError("nothing to remove: set mlp (a fraction, e.g. 0.25) and/or kv_groups (e.g. 1)")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+class PruneDepthConfig(_Strict):
+    """Remove whole decoder blocks: those that change their input least on calibration data (1 - cosine between a
+    block's input and output, ShortGPT's block influence)."""
+
+    blocks: int = Field(ge=1, description="number of decoder blocks removed")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+class DistillConfig(_Strict):
+    """Train the model as the recipe has left it (the student) to match the model before the recipe, or before a
+    given stage (the teacher): KL divergence on temperature-softened logits, optionally plus the final hidden state.
+    """
+
+    steps: int = Field(200, gt=0, description="optimizer steps at most (early stopping may end sooner)")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (linear warmup over the first 5% of steps)")
+    batch_size: int = Field(4, gt=0, description="windows per step")
+    seq_len: int | None = Field(None, ge=8, description="tokens per window; default: the windows' own length")
+    temperature: float = Field(1.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0, description="weight of the final hidden state's mean squared error "
+                                                         "(relative to the teacher's) added to the KL loss")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    train: Literal["blocks", "all"] = Field("blocks", description="blocks: the decoder blocks learn, the embedding "
+                                                                  "and head stay; all: everything float learns")
+    teacher_stage: int = Field(0, ge=0, description="the model before stages[N] teaches (0: the original model)")
+    data: CalibrationConfig | None = Field(None, description="training text (windows sampled as for calibration); "
+                                                             "default: the recipe's calibration windows")
+    holdout: int = Field(8, ge=1, description="windows kept out of training to decide early stopping")
+    eval_every: int = Field(25, gt=0, description="steps between held-out evaluations")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping (the best "
+                                               "weights are kept)")
+    seed: int = 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.data is None
+
+
+class DistillStage(_Strict):
+    distill: DistillConfig
+
+
+class PruneWidthStage(_Strict):
+    prune_width: PruneWidthConfig
+
+
+class PruneDepthStage(_Strict):
+    prune_depth: PruneDepthConfig
+
+
+STAGE_KINDS = ("prune", "prune_width", "prune_depth", "distill", "quantize")
+_STAGE_TYPES = {PruneStage: "prune", PruneWidthStage: "prune_width", PruneDepthStage: "prune_depth",
+                DistillStage: "distill", QuantizeStage: "quantize"}
+
+
+def _stage_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return next(iter(value)) if len(value) == 1 else None
+    return _STAGE_TYPES.get(type(value))
+
+
+def stage_config(stage: Any) -> Any:
+    """The config inside a stage item (`- prune_width: {...}` -> its PruneWidthConfig)."""
+    return getattr(stage, _STAGE_TYPES[type(stage)])
+
+
+Stage = Annotated[Union[Annotated[PruneStage, Tag("prune")], Annotated[PruneWidthStage, Tag("prune_width")],
+                        Annotated[PruneDepthStage, Tag("prune_depth")], Annotated[DistillStage, Tag("distill")],
+                        Annotated[QuantizeStage, Tag("quantize")]],
+                  Discriminator(_stage_kind)]
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -363,7 +538,7 @@ class EvaluateConfig(_Strict):
 class Recipe(_Strict):
     model: ModelConfig
     calibration: CalibrationConfig | None = None
-    stages: tuple[QuantizeStage, ...] = ()
+    stages: tuple[Stage, ...] = ()
     export: tuple[Export, ...] = ()
     evaluate: EvaluateConfig | None = EvaluateConfig()
     output: str = Field("runs/run", min_length=1)
@@ -387,9 +562,21 @@ class Recipe(_Strict):
         quant = self.quantize_configs()
         if len(quant) > 1:
             raise ValueError("stages: at most one quantize stage per recipe (got %d)" % len(quant))
-        for q in quant:
-            if q.needs_calibration and self.calibration is None:
-                raise ValueError(f"stages: method {q.method} needs a `calibration` section (text to calibrate on)")
+        for i, stage in enumerate(self.stages):
+            cfg, kind = stage_config(stage), _STAGE_TYPES[type(stage)]
+            if cfg.needs_calibration and self.calibration is None:
+                what = f"method {cfg.method}" if kind in ("prune", "quantize") else "it"
+                also = " or its own `data`" if kind == "distill" else ""
+                raise ValueError(f"stages[{i}].{kind}: {what} needs a `calibration` section{also} (text to "
+                                 "calibrate on)")
+            if kind != "quantize" and any(isinstance(s, QuantizeStage) for s in self.stages[:i]):
+                raise ValueError(f"stages[{i}].{kind} comes after a quantize stage, whose layers hold integer codes; "
+                                 f"put {kind} before quantize (the zeros of pruned weights are kept)")
+            if kind == "distill" and cfg.teacher_stage >= i:
+                raise ValueError(f"stages[{i}].distill.teacher_stage {cfg.teacher_stage}: the teacher is the model "
+                                 f"before an earlier stage, 0 to {i - 1}" if i else
+                                 "stages[0].distill: a first stage has no earlier model to learn from; distill after "
+                                 "a pruning stage")
         for i, exp in enumerate(self.export):
             if isinstance(exp, GGUFExport):
                 if exp.gguf.imatrix and self.calibration is None:
@@ -414,6 +601,9 @@ class Recipe(_Strict):
     # -------------------------------------------------------------------------------------------- helpers
     def quantize_configs(self) -> list[QuantizeConfig]:
         return [s.quantize for s in self.stages if isinstance(s, QuantizeStage)]
+
+    def prune_configs(self) -> list[PruneConfig]:
+        return [s.prune for s in self.stages if isinstance(s, PruneStage)]
 
     def export_name(self, index: int) -> str:
         target = self.export[index]

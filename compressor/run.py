@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -21,10 +22,12 @@ from .evaluate import speed
 from .evaluate.accuracy import TorchRuntime, compare
 from .quant.tensor import QuantLinear
 from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir
-from .recipe import Recipe
+from .recipe import DistillStage, PruneDepthStage, PruneStage, PruneWidthStage, QuantizeStage, Recipe
 from .report import budget_failures, markdown
 from .stages import StageContext, apply_stage
-from .stages.quantize import check_shapes, select_linears
+from .stages.prune import check_prune_shapes
+from .stages.structured import check_depth, check_width, width_after
+from .stages.quantize import check_shapes, select_linears, stage_widths
 
 log = logging.getLogger("compressor")
 
@@ -61,8 +64,11 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Path:
         raise RunError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunError(f"output {out} already holds a run; pass --overwrite to replace it, or set another output")
-    for section, cfg, split in (("calibration", recipe.calibration, "train"),
-                                ("evaluate.data", recipe.evaluate.data if recipe.evaluate else None, "test")):
+    texts = [("calibration", recipe.calibration, "train"),
+             ("evaluate.data", recipe.evaluate.data if recipe.evaluate else None, "test")]
+    texts += [(f"stages[{i}].distill.data", s.distill.data, "train") for i, s in enumerate(recipe.stages)
+              if isinstance(s, DistillStage)]
+    for section, cfg, split in texts:
         if cfg is not None and cfg.source != data.MODEL_SOURCE:
             try:
                 data.load_text(cfg, split)
@@ -168,6 +174,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
     params = models.parameter_count(model)
     log.info("model: %s (%s, %.1fM parameters)", recipe.model.id, model.config.model_type, params / 1e6)
 
+    _check_stages(recipe, model)
     quant = recipe.quantize_configs()
     if quant:
         packed = any(getattr(e, "safetensors", None) and e.safetensors.format == "gptq" for e in recipe.export)
@@ -194,21 +201,33 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
     _check_lengths(recipe, model)
 
     with timings.phase("prepare data"):
-        calib = None
-        if recipe.calibration and recipe.calibration.source == data.MODEL_SOURCE:
-            calib = data.generated_windows(model, tokenizer, recipe.calibration, device)
-        elif recipe.calibration:
-            calib = data.calibration_windows(tokenizer, recipe.calibration)
+        def sample(cfg):
+            if cfg.source == data.MODEL_SOURCE:
+                return data.generated_windows(model, tokenizer, cfg, device)
+            return data.calibration_windows(tokenizer, cfg)
+
+        calib = sample(recipe.calibration) if recipe.calibration else None
         windows = data.evaluation_windows(tokenizer, recipe.evaluate.data) if recipe.evaluate else None
+        distill_windows = {i: sample(s.distill.data) for i, s in enumerate(recipe.stages)
+                           if isinstance(s, DistillStage) and s.distill.data is not None}
     baseline = copy.deepcopy(model) if recipe.evaluate else None
 
     ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size if recipe.calibration else 8,
                        device=device)
+    teachers_needed = {s.distill.teacher_stage for s in recipe.stages if isinstance(s, DistillStage)}
+    teachers: dict[int, torch.nn.Module] = {}
     stage_reports = []
     for i, stage in enumerate(recipe.stages):
+        if i in teachers_needed:  # the model before this stage teaches a later distill stage
+            teachers[i] = baseline if i == 0 and baseline is not None else copy.deepcopy(model)
         kind = type(stage).__name__.removesuffix("Stage").lower()
+        stage_ctx = ctx
+        if isinstance(stage, DistillStage):
+            stage_ctx = dataclasses.replace(ctx, teacher=teachers[stage.distill.teacher_stage],
+                                            distill_windows=distill_windows.get(i))
         with timings.phase(f"stage {i + 1}/{len(recipe.stages)}: {kind}"):
-            stage_reports.append(apply_stage(stage, model, ctx).to_dict())
+            stage_reports.append(apply_stage(stage, model, stage_ctx).to_dict())
+    del teachers
 
     artifacts = []
     stats: dict[str, Any] = {}  # computed once, shared by the exports that need them
@@ -293,6 +312,48 @@ def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenize
             write_dense(model, tokenizer, tmp, dtype=cfg.dtype)
     return {"name": name, "format": f"safetensors-{cfg.format}", "path": name, "runtime": "torch (transformers)",
             "files": file_hashes(work / name)}
+
+
+def _check_stages(recipe: Recipe, model: torch.nn.Module) -> None:
+    """What each pruning stage can be checked for before calibration. Width pruning's new widths do not depend on
+    the data, so a later quantize stage's group sizes are checked against them too."""
+    widths: dict[str, int] = {}  # projection kind -> input width after the width stages so far
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, PruneStage):
+            section = f"stages[{i}].prune"
+            check_prune_shapes(select_linears(model, stage.prune, section=section), stage.prune, section=section)
+        elif isinstance(stage, PruneWidthStage):
+            check_width(model, stage.prune_width, section=f"stages[{i}].prune_width")
+            widths.update(width_after(model, stage.prune_width))
+        elif isinstance(stage, PruneDepthStage):
+            check_depth(model, stage.prune_depth, section=f"stages[{i}].prune_depth")
+        elif isinstance(stage, QuantizeStage) and widths:
+            for bits, group in stage_widths(stage.quantize):
+                bad = {k: w for k, w in widths.items() if group != -1 and w % group}
+                if bad:
+                    raise RunError(f"stages[{i}].quantize.group_size {group}: after width pruning the inputs of "
+                                   + ", ".join(f"{k} are {w} wide" for k, w in bad.items())
+                                   + f", not a multiple of {group}; set the prune_width alignment to a multiple of "
+                                   "the group size")
+    gguf = [i for i, e in enumerate(recipe.export) if getattr(e, "gguf", None)]
+    heads_removed = sum(s.prune_width.kv_groups for s in recipe.stages if isinstance(s, PruneWidthStage))
+    if gguf and heads_removed:
+        from export.gguf import GGUFError, check_attention
+
+        config = copy.copy(model.config)
+        kv = config.num_key_value_heads
+        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.num_attention_heads = config.num_attention_heads // kv * (kv - heads_removed)
+        config.num_key_value_heads = kv - heads_removed
+        try:
+            check_attention(config)
+        except (GGUFError, ValueError) as e:
+            raise RunError(f"export[{gguf[0]}].gguf: {e}") from None
+    odd = {k: w for k, w in widths.items() if w % 32}
+    if odd and gguf:
+        raise RunError("export gguf: after width pruning the inputs of " + ", ".join(
+            f"{k} are {w} wide" for k, w in odd.items()) + ", but GGUF blocks hold 32 weights; use an alignment "
+            "that is a multiple of 32")
 
 
 def _check_lengths(recipe: Recipe, model: torch.nn.Module) -> None:

@@ -122,7 +122,7 @@ def check_model(model: nn.Module, plan: TypePlan, where: str = "gguf") -> None:
     """Everything about `model` that would make the export fail, checked before any long work."""
     try:
         arch = arch_for(model.config)
-        _check_attention_scale(model.config)
+        check_attention(model.config)
     except ArchitectureError as e:
         raise GGUFError(f"{where}: {e}") from None
     if plan.needs_llama:
@@ -166,7 +166,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str | Ty
                                                                           tensor_types)
     config = model.config
     arch = arch_for(config)
-    _check_attention_scale(config)
+    check_attention(config)
     own = layer_overrides(model, plan, arch)
     plan = TypePlan(plan.file_type, plan.embedding, plan.output, plan.overrides + tuple(own.items()))
     two_step = plan.needs_llama
@@ -219,11 +219,18 @@ def _up(t: str | None) -> str | None:
     return t.upper() if t else None
 
 
-def _check_attention_scale(config: Any) -> None:
+def check_attention(config: Any) -> None:
+    """Attention shapes and scales that llama.cpp computes differently from transformers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = head_dim * config.num_attention_heads
+    if arch_for(config).query_is_hidden_wide and width != config.hidden_size:
+        raise ArchitectureError(f"GGUF export: llama.cpp's {config.model_type} architecture needs attention heads x "
+                                f"head_dim = hidden_size, here {config.num_attention_heads} x {head_dim} = {width} != "
+                                f"{config.hidden_size} (attention heads were pruned); prune only MLP channels for "
+                                "a GGUF export of this family")
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar is None:
         return
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if scalar not in (head_dim, config.hidden_size // config.num_attention_heads):
         raise ArchitectureError(f"GGUF export: query_pre_attn_scalar {scalar} differs from head_dim {head_dim}; "
                                 "llama.cpp scales attention by the head size and would compute another model")

@@ -36,6 +36,7 @@ class Arch:
     block: dict[str, str]
     rope_interleaved: bool = False  # llama.cpp rotates adjacent pairs: q/k rows are permuted from the HF layout
     norm_plus_one: bool = False  # HF stores (weight - 1) for Gemma's RMSNorm; llama.cpp wants the weight itself
+    query_is_hidden_wide: bool = False  # llama.cpp's loader assumes heads x head_dim = hidden_size
     extra: Callable[[Any], dict[str, Any]] = field(default=lambda config: {})
 
 
@@ -58,7 +59,7 @@ def _gemma3_extra(c: Any) -> dict[str, Any]:
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch("llama", _COMMON_BLOCK, rope_interleaved=True),
     "mistral": Arch("llama", _COMMON_BLOCK, rope_interleaved=True),
-    "qwen2": Arch("qwen2", _COMMON_BLOCK),
+    "qwen2": Arch("qwen2", _COMMON_BLOCK, query_is_hidden_wide=True),
     "qwen3": Arch("qwen3", _COMMON_BLOCK),
     "gemma": Arch("gemma", _COMMON_BLOCK, norm_plus_one=True),
     "gemma2": Arch("gemma2", _SANDWICH_BLOCK, norm_plus_one=True, extra=_gemma2_extra),

@@ -56,6 +56,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
     original column order and their grids are fitted before any update ("static groups"): the result needs no
     column permutation to store or run. Without it, each group's grid is fitted when the first column of the group is
     reached, on the weights as updated so far.
+
+    Weights that are exactly zero (pruned) get the code of zero and stay zero; their neighbours absorb the error.
     """
     if factor is None:
         if hessian is None:
@@ -76,6 +78,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
         for g in range(n_groups):
             scales[:, g], zeros[:, g] = grid.fit(W[:, g * gs : (g + 1) * gs], bits, symmetric, clip_search)
         fitted = [True] * n_groups
+    pruned = (w == 0)[:, perm].t().contiguous() if bool((w == 0).any()) else None
     W = W[:, perm]
     group_of = (perm // gs).tolist()  # group of each processed column
     Hinv = factor.hinv
@@ -90,7 +93,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
         B = Wt[i1:i2].clone()
         Err = torch.zeros_like(B)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        with _single_thread(dev):
+        with single_thread(dev):
             for i in range(i2 - i1):
                 col = i1 + i
                 g = group_of[col]
@@ -104,6 +107,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
                 w = B[i]
                 s, z = scales[:, g], zeros[:, g]
                 q = grid.quantize(w, s, z, bits)
+                if pruned is not None:
+                    q = torch.where(pruned[col], z, q)
                 diff = w - grid.dequantize(q, s, z)
                 codes[col] = q
                 d = Hinv1[i, i]
@@ -120,7 +125,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
 
 
 @contextmanager
-def _single_thread(device: torch.device):
+def single_thread(device: torch.device):
     if device.type != "cpu":
         yield
         return

@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 from .base import StageContext, StageReport
+from .distill import apply_distill
+from .prune import apply_prune
 from .quantize import apply_quantize
+from .structured import apply_prune_depth, apply_prune_width
 
 __all__ = ["StageContext", "StageReport", "apply_stage"]
 
 
 def apply_stage(stage, model, ctx: StageContext) -> StageReport:
-    from ..recipe import QuantizeStage
+    from ..recipe import DistillStage, PruneDepthStage, PruneStage, PruneWidthStage, QuantizeStage
 
-    if isinstance(stage, QuantizeStage):
-        return apply_quantize(stage.quantize, model, ctx)
-    raise TypeError(f"unknown stage {type(stage).__name__}")
+    kinds = {QuantizeStage: ("quantize", apply_quantize), PruneStage: ("prune", apply_prune),
+             PruneWidthStage: ("prune_width", apply_prune_width), PruneDepthStage: ("prune_depth", apply_prune_depth),
+             DistillStage: ("distill", apply_distill)}
+    if type(stage) not in kinds:
+        raise TypeError(f"unknown stage {type(stage).__name__}")
+    field, apply = kinds[type(stage)]
+    return apply(getattr(stage, field), model, ctx)

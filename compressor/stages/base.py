@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..models import decoder_layers, output_projection
+
+
+class ShapeError(ValueError):
+    """A layer shape that the requested compression or export cannot represent."""
 
 
 @dataclass
@@ -14,6 +21,8 @@ class StageContext:
     calibration: torch.Tensor | None = None  # [samples, seq_len] token ids
     batch_size: int = 8
     device: str = "cpu"
+    teacher: nn.Module | None = None  # distill: the model before the stage the recipe names
+    distill_windows: torch.Tensor | None = None  # distill: its own training text, when the recipe gives one
 
 
 @dataclass
@@ -31,3 +40,32 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def select_linears(model: nn.Module, cfg: Any, section: str = "quantize") -> dict[str, nn.Linear]:
+    """Linear layers of the decoder blocks (and the output projection if `cfg.lm_head`) that a stage config with
+    `include` / `exclude` regexes selects; `section` names the recipe section in errors."""
+    layers = decoder_layers(model)
+    chosen: dict[str, nn.Linear] = {}
+    prefix = {id(b): n for n, b in model.named_modules()}
+    for block in layers:
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                full = f"{prefix[id(block)]}.{name}"
+                if _selected(full, cfg):
+                    chosen[full] = module
+    if getattr(cfg, "lm_head", False):
+        head = output_projection(model)
+        if head is None:
+            raise ShapeError(f"{section}.lm_head: the model has no linear output projection named lm_head")
+        chosen["lm_head"] = head
+    if not chosen:
+        raise ShapeError(f"{section}: no linear layer matches include/exclude "
+                         f"(include={list(cfg.include)}, exclude={list(cfg.exclude)})")
+    return chosen
+
+
+def _selected(name: str, cfg: Any) -> bool:
+    if cfg.include and not any(re.search(p, name) for p in cfg.include):
+        return False
+    return not any(re.search(p, name) for p in cfg.exclude)

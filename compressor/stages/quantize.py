@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 import torch
@@ -12,45 +11,14 @@ from ..algorithms.awq import search_scales
 from ..algorithms.gptq import factorize, gptq_quantize
 from ..awq_maps import fold, maps_for
 from ..mixed import MixedPrecisionError, check_target, plan_summary, plan_widths
-from ..models import decoder_layers, output_projection
 from ..quant.tensor import QuantizedTensor, QuantLinear, quantize_rtn
 from ..recipe import QuantizeConfig
 from ..sequential import HessianAccumulator, run_layerwise
-from .base import StageContext, StageReport, set_submodule
+from .base import ShapeError, StageContext, StageReport, select_linears, set_submodule
+
+__all__ = ["ShapeError", "apply_quantize", "check_shapes", "select_linears", "stage_widths"]
 
 log = logging.getLogger(__name__)
-
-
-class ShapeError(ValueError):
-    """A layer shape that the requested quantization or export cannot represent."""
-
-
-def select_linears(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Linear]:
-    """Linear layers of the decoder blocks (and the output projection if asked) that the recipe quantizes."""
-    layers = decoder_layers(model)
-    chosen: dict[str, nn.Linear] = {}
-    prefix = {id(b): n for n, b in model.named_modules()}
-    for block in layers:
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                full = f"{prefix[id(block)]}.{name}"
-                if _selected(full, cfg):
-                    chosen[full] = module
-    if cfg.lm_head:
-        head = output_projection(model)
-        if head is None:
-            raise ShapeError("quantize.lm_head: the model has no linear output projection named lm_head")
-        chosen["lm_head"] = head
-    if not chosen:
-        raise ShapeError("quantize: no linear layer matches include/exclude "
-                         f"(include={list(cfg.include)}, exclude={list(cfg.exclude)})")
-    return chosen
-
-
-def _selected(name: str, cfg: QuantizeConfig) -> bool:
-    if cfg.include and not any(re.search(p, name) for p in cfg.include):
-        return False
-    return not any(re.search(p, name) for p in cfg.exclude)
 
 
 def stage_widths(cfg: QuantizeConfig) -> list[tuple[int, int]]:

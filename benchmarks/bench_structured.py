@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Structured pruning on SmolLM2-135M-Instruct: does removing MLP channels or whole blocks speed up decoding in
+llama.cpp and onnxruntime by what the smaller weights promise?
+
+Protocol (the pruning issue's): float32 baseline dequantized from the bundled GGUF; calibration 128 x 512 tokens of
+the WikiText-2 train subset, seed 0; accuracy on WikiText-2 test, 16 windows x 2048 tokens, in torch. Each model is
+exported to GGUF (F16 and Q4_0) and ONNX (float32 and int4, int8 activations), and decode ms/token (128-token prompt,
+64 tokens, median of 5) is measured in a fresh process per file, the unpruned model in the same format in the same
+run. Decode reads every weight once per token (the tied embedding table too, as the output head), so the ideal
+speedup is the ratio of weight bytes before and after; the table shows measured / ideal.
+
+    python benchmarks/bench_structured.py [--windows 16] [--variants "MLP -25%,3 blocks"] [--no-speed]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compressor.evaluate import speed  # noqa: E402
+from compressor.evaluate.accuracy import TorchRuntime, compare  # noqa: E402
+from compressor.recipe import PruneDepthConfig, PruneWidthConfig, SpeedConfig  # noqa: E402
+from compressor.stages import StageContext  # noqa: E402
+from compressor.stages.structured import apply_prune_depth, apply_prune_width  # noqa: E402
+from export.gguf import write_gguf  # noqa: E402
+from export.onnx import OnnxOptions, write_onnx  # noqa: E402
+from protocol import load_protocol  # noqa: E402
+
+VARIANTS = {
+    "MLP -25%": [PruneWidthConfig(mlp=0.25)],
+    "3 blocks": [PruneDepthConfig(blocks=3)],
+}
+FORMATS = {  # name -> (kind, writer)
+    "GGUF F16": ("gguf", lambda m, tok, p, src: write_gguf(m, tok, p, "f16", source_gguf=src)),
+    "GGUF Q4_0": ("gguf", lambda m, tok, p, src: write_gguf(m, tok, p, "q4_0", source_gguf=src)),
+    "ONNX float32": ("onnx", lambda m, tok, p, src: write_onnx(m, tok, p, OnnxOptions(weights="float32"))),
+    "ONNX int4": ("onnx", lambda m, tok, p, src: write_onnx(m, tok, p, OnnxOptions(weights="int4"))),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "structured")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--no-speed", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    proto = load_protocol(args.windows)
+    baseline, tok, source_gguf, calib, windows = (proto.baseline, proto.tokenizer, proto.source_gguf,
+                                                  proto.calibration, proto.windows)
+    ctx = StageContext(calibration=calib, batch_size=8)
+
+    models: dict[str, torch.nn.Module] = {"unpruned": baseline}
+    info: dict[str, dict] = {"unpruned": {}}
+    for name in [v for v in args.variants.split(",") if v]:
+        model = copy.deepcopy(baseline)
+        start = time.perf_counter()
+        reports = [(apply_prune_width if isinstance(c, PruneWidthConfig) else apply_prune_depth)(c, model, ctx)
+                   for c in VARIANTS[name]]
+        info[name] = {"seconds": round(time.perf_counter() - start, 1),
+                      "summaries": [r.summary for r in reports]}
+        print(f"{name}: pruned in {info[name]['seconds']}s: {info[name]['summaries']}", file=sys.stderr)
+        models[name] = model
+
+    metrics = compare(TorchRuntime("torch float32", baseline),
+                      [TorchRuntime(n, m) for n, m in models.items() if n != "unpruned"], windows)
+
+    files: dict[tuple[str, str], Path] = {}
+    for fmt in [f for f in args.formats.split(",") if f]:
+        kind, writer = FORMATS[fmt]
+        for name, model in models.items():
+            slug = f"{name}-{fmt}".lower().replace(" ", "-").replace("%", "").replace("+", "")
+            path = args.out / (slug + (".gguf" if kind == "gguf" else ""))
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            writer(model, tok, path, source_gguf)
+            files[(name, fmt)] = path
+    speeds = {}
+    if not args.no_speed:
+        cfg = SpeedConfig(prompt_tokens=128, decode_tokens=64, prefill_tokens=512, repeats=5)
+        for (name, fmt), path in files.items():
+            speeds[f"{name} | {fmt}"] = speed.measure(FORMATS[fmt][0], str(path), cfg)
+            print(f"{name} {fmt}: {speeds[f'{name} | {fmt}']}", file=sys.stderr)
+
+    base_ppl = metrics["torch float32"]["perplexity"]
+    lines = ["| model | ppl | vs unpruned | KL | top-1 | block params removed | prune s |",
+             "|---|---|---|---|---|---|---|", f"| unpruned | {base_ppl:.3f} | - | - | - | - | - |"]
+    for name in models:
+        if name == "unpruned":
+            continue
+        m = metrics[name]
+        removed = next((s.get("block_parameters_removed") for s in info[name]["summaries"]
+                        if "block_parameters_removed" in s), None)
+        removed = removed if removed is not None else ", ".join(
+            f"blocks {s['blocks_removed']}" for s in info[name]["summaries"] if "blocks_removed" in s)
+        lines.append(f"| {name} | {m['perplexity']:.3f} | {m['perplexity'] / base_ppl - 1:+.1%} | "
+                     f"{m['kl_divergence']:.4f} | {m['top1_agreement']:.3f} | {removed} | {info[name]['seconds']} |")
+    lines += ["", "| model | format | size MB | decode ms/token | speedup | ideal (bytes ratio) | speedup / ideal | "
+                  "gain / ideal gain |", "|---|---|---|---|---|---|---|---|"]
+    for (name, fmt), path in files.items():
+        size = speed.directory_bytes(path) if path.is_dir() else path.stat().st_size
+        base_path = files[("unpruned", fmt)]
+        base_size = speed.directory_bytes(base_path) if base_path.is_dir() else base_path.stat().st_size
+        ms = speeds.get(f"{name} | {fmt}", {}).get("decode_ms_per_token")
+        base_ms = speeds.get(f"unpruned | {fmt}", {}).get("decode_ms_per_token")
+        ideal = base_size / size
+        if ms and base_ms:
+            got = base_ms / ms
+            lines.append(f"| {name} | {fmt} | {size / 1e6:.1f} | {ms:.2f} | {got:.3f}x | {ideal:.3f}x | "
+                         f"{got / ideal:.0%} | {(got - 1) / (ideal - 1):.0%} |" if name != "unpruned" else
+                         f"| {name} | {fmt} | {size / 1e6:.1f} | {ms:.2f} | - | - | - | - |")
+        else:
+            lines.append(f"| {name} | {fmt} | {size / 1e6:.1f} | - | - | {ideal:.3f}x | - | - |")
+    table = "\n".join(lines)
+    print(table)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    record = {"date": dt.date.today().isoformat(), "machine": platform.platform(), "threads": torch.get_num_threads(),
+              "windows": int(windows.shape[0]), "seq_len": 2048, "metrics": metrics, "info": info, "speeds": speeds,
+              "table": table}
+    (args.out / f"results-{stamp}.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The distill stage: the model as the recipe has left it (student) learns to match the model before the recipe, or
+before a given stage (teacher), on calibration or training text.
+
+Weights that are exactly zero when training starts (pruned) are kept at zero after every step, so the sparsity a
+pruning stage made survives. A few windows are held out; training stops when their KL has not improved for
+`patience` evaluations, and the best weights seen are kept.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from ..algorithms.distillation import hidden_mse, logit_kl
+from ..models import decoder_layers
+from ..recipe import DistillConfig
+from .base import StageContext, StageReport
+
+log = logging.getLogger(__name__)
+
+SPARSE_ENOUGH = 0.01  # weights with at least this fraction of exact zeros keep them (a dense layer has ~none)
+
+
+def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> StageReport:
+    start = time.perf_counter()
+    teacher = ctx.teacher
+    if teacher is None:
+        raise ValueError("distill needs the teacher model (the run provides the model before the chosen stage)")
+    windows = ctx.distill_windows if ctx.distill_windows is not None else ctx.calibration
+    if windows is None:
+        raise ValueError("distill needs training windows: a calibration section or distill.data")
+    if cfg.seq_len is not None:
+        windows = windows[:, : cfg.seq_len]
+    if windows.shape[0] <= cfg.holdout:
+        raise ValueError(f"distill: {windows.shape[0]} windows, not more than holdout {cfg.holdout}; give more "
+                         "samples (calibration.samples or distill.data.samples) or a smaller holdout")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(windows.shape[0], generator=gen)
+    held, train = windows[order[: cfg.holdout]], windows[order[cfg.holdout :]]
+
+    params = _trainable(model, cfg)
+    masks = {p: p == 0 for p in params if p.dim() == 2 and float((p == 0).float().mean()) >= SPARSE_ENOUGH}
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    teacher.eval()
+    device = ctx.device
+
+    def held_kl() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for batch in held.split(cfg.batch_size):
+                batch = batch.to(device)
+                total += float(logit_kl(model(input_ids=batch, use_cache=False).logits,
+                                        teacher(input_ids=batch, use_cache=False).logits)) * len(batch)
+        return total / len(held)
+
+    model.eval()
+    first = best = held_kl()
+    best_step, best_state, waited = 0, _snapshot(params), 0
+    rows = [{"step": 0, "train_loss": None, "holdout_kl": round(first, 6)}]
+    log.info("distill: %d trainable tensors (%.1fM weights), %d train / %d held-out windows, held-out KL %.4f",
+             len(params), sum(p.numel() for p in params) / 1e6, len(train), len(held), first)
+    running, seen, step = 0.0, 0, 0
+    for step in range(1, cfg.steps + 1):
+        model.train()
+        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
+        batch = train[idx].to(device)
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+        s_out = model(input_ids=batch, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+        loss = logit_kl(s_out.logits, t_out.logits, cfg.temperature)
+        if cfg.hidden_weight > 0:
+            loss = loss + cfg.hidden_weight * hidden_mse(s_out.hidden_states[-1], t_out.hidden_states[-1])
+        del t_out, s_out
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for p, zero in masks.items():
+                p.masked_fill_(zero, 0)
+        running += float(loss.detach())
+        seen += 1
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            kl = held_kl()
+            rows.append({"step": step, "train_loss": round(running / seen, 6), "holdout_kl": round(kl, 6)})
+            elapsed = time.perf_counter() - start
+            log.info("distill: step %d/%d, train loss %.4f, held-out KL %.4f (best %.4f), elapsed %.0fs, ETA %.0fs",
+                     step, cfg.steps, running / seen, kl, min(best, kl), elapsed,
+                     elapsed / step * (cfg.steps - step))
+            running, seen = 0.0, 0
+            if kl < best:
+                best, best_step, best_state, waited = kl, step, _snapshot(params), 0
+            else:
+                waited += 1
+                if waited >= cfg.patience:
+                    log.info("distill: no improvement in %d evaluations; stopping at step %d", waited, step)
+                    break
+    _restore(params, best_state)
+    model.eval()
+    summary = {"steps": step, "best_step": best_step, "holdout_kl_before": round(first, 6),
+               "holdout_kl_after": round(best, 6), "recovered": round(1 - best / first, 4) if first > 0 else None,
+               "trainable_weights": sum(p.numel() for p in params), "sparse_tensors_kept": len(masks)}
+    if not math.isfinite(best):
+        raise ValueError("distill: the held-out KL is not finite; lower distill.lr")
+    return StageReport("distill", seconds=time.perf_counter() - start, summary=summary, layers=rows)
+
+
+def _trainable(model: nn.Module, cfg: DistillConfig) -> list[nn.Parameter]:
+    scope = decoder_layers(model) if cfg.train == "blocks" else model
+    params = [p for p in scope.parameters() if p.dtype.is_floating_point]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().to("cpu", copy=True) for p in params]
+
+
+def _restore(params: list[nn.Parameter], state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, s in zip(params, state):
+            p.copy_(s)
+    for p in params:
+        p.requires_grad_(False)

@@ -1,0 +1,109 @@
+"""Distillation: the loss, recovery after pruning, zeros kept, early stopping, recipe checks and a whole run."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from compressor.algorithms.distillation import hidden_mse, logit_kl
+from compressor.algorithms.sparsity import sparsity_of
+from compressor.recipe import DistillConfig, PruneConfig, Recipe, RecipeError
+from compressor.stages.base import StageContext
+from compressor.stages.distill import apply_distill
+from compressor.stages.prune import apply_prune
+
+
+def _windows(seed: int, n: int, seq: int = 48) -> torch.Tensor:
+    return torch.randint(0, 384, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logit_kl_is_the_token_mean_of_kl_and_scales_with_temperature():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    assert float(logit_kl(t, t)) == pytest.approx(0, abs=1e-6)
+    p, q = torch.softmax(t, -1), torch.log_softmax(s, -1)
+    manual = (p * (p.log() - q)).sum(-1).mean()
+    assert float(logit_kl(s, t)) == pytest.approx(float(manual), rel=1e-5)
+    soft = (torch.softmax(t / 2, -1) * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum(-1).mean()
+    assert float(logit_kl(s, t, temperature=2.0)) == pytest.approx(4 * float(soft), rel=1e-5)
+    assert float(hidden_mse(2 * t, t)) == pytest.approx(1.0, rel=1e-5)
+
+
+def _pruned_pair(method: str = "magnitude"):
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    apply_prune(PruneConfig(method=method, sparsity=0.5), student, StageContext(calibration=_windows(0, 16)))
+    return teacher, student
+
+
+def test_distillation_recovers_what_pruning_lost_and_keeps_the_zeros():
+    teacher, student = _pruned_pair()
+    zeros = {n: m.weight == 0 for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    cfg = DistillConfig(steps=60, lr=2e-3, batch_size=4, eval_every=20, holdout=4, patience=3)
+    report = apply_distill(cfg, student, StageContext(calibration=_windows(1, 36), teacher=teacher))
+    s = report.summary
+    assert s["holdout_kl_after"] < 0.9 * s["holdout_kl_before"] and s["best_step"] > 0, s
+    assert s["sparse_tensors_kept"] == len(zeros)
+    for name, zero in zeros.items():
+        w = student.get_submodule(name).weight
+        assert (w[zero] == 0).all() and sparsity_of(w) == pytest.approx(0.5, abs=0.01)
+    assert [r["step"] for r in report.layers] == [0, 20, 40, 60]
+    # the embedding (and tied head) stayed as they were: train: blocks
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_divergence_stops_early_and_keeps_the_best_weights():
+    teacher, student = _pruned_pair()
+    before = copy.deepcopy(student.state_dict())
+    cfg = DistillConfig(steps=100, lr=1.0, batch_size=2, eval_every=5, holdout=4, patience=2)
+    report = apply_distill(cfg, student, StageContext(calibration=_windows(1, 20), teacher=teacher))
+    s = report.summary
+    assert s["steps"] == 10 and s["best_step"] == 0
+    assert s["holdout_kl_after"] == s["holdout_kl_before"]
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+def test_bad_distill_options_are_refused_early():
+    base = {"model": "x", "calibration": {}}
+    cases = [
+        ([{"distill": {}}], "a first stage has no earlier model"),
+        ([{"prune": {"sparsity": 0.5}}, {"distill": {"teacher_stage": 1}}], "teacher_stage 1: the teacher is the "
+                                                                             "model before an earlier stage, 0 to 0"),
+        ([{"prune": {"sparsity": 0.5}}, {"quantize": {}}, {"distill": {}}], "distill comes after a quantize stage"),
+        ([{"prune": {"sparsity": 0.5}}, {"distill": {"stepz": 3}}], "unknown key"),
+    ]
+    for stages, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            Recipe.from_dict({**base, "stages": stages})
+    with pytest.raises(RecipeError, match="needs a `calibration` section or its own `data`"):
+        Recipe.from_dict({"model": "x", "stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                                                   {"distill": {}}]})
+    Recipe.from_dict({"model": "x", "stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                                               {"distill": {"data": {"source": "python-docs"}}}]})
+
+
+def test_compress_run_prunes_then_distills(model_dir_factory, tmp_path):
+    from conftest import tiny_recipe
+
+    from compressor.run import run
+    from export.safetensors import load_checkpoint
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(model_dir_factory("qwen3"), out, export=[{"safetensors": {"format": "dense",
+                                                                                   "dtype": "float32"}}])
+    recipe["calibration"]["samples"] = 24
+    recipe["stages"] = [{"prune": {"method": "wanda", "sparsity": 0.5}},
+                        {"distill": {"steps": 20, "lr": 2e-3, "eval_every": 10, "holdout": 4}}]
+    assert run(Recipe.from_dict(recipe)).passed
+    report = json.loads((out / "report.json").read_text())
+    distill = report["stages"][1]
+    assert distill["kind"] == "distill"
+    assert distill["summary"]["holdout_kl_after"] < distill["summary"]["holdout_kl_before"]
+    loaded, _ = load_checkpoint(out / "safetensors-dense")
+    pruned = report["stages"][0]["layers"]
+    assert all(sparsity_of(loaded.get_submodule(r["name"]).weight) >= r["sparsity"] - 1e-6 for r in pruned)
+    assert "## Stage: distill" in (out / "report.md").read_text()
