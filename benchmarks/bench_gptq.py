@@ -38,6 +38,8 @@ OURS = [  # name, args
     ("compressor RTN W4 g32 sym", ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]),
     ("compressor GPTQ W4 g32 sym act-order", ["--method", "gptq", "--bits", "4", "--group-size", "32", "--sym",
                                               "--act-order"]),
+    ("compressor GPTQ W4 g32 sym act-order one-pass", ["--method", "gptq", "--bits", "4", "--group-size", "32",
+                                                       "--sym", "--act-order", "--no-sequential"]),
     ("compressor GPTQ W4 g32 sym act-order clip-search", ["--method", "gptq", "--bits", "4", "--group-size", "32",
                                                           "--sym", "--act-order", "--clip-search"]),
     ("compressor AWQ W4 g32 sym", ["--method", "awq", "--bits", "4", "--group-size", "32", "--sym"]),

@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--mixed-target", type=float, default=None,
                     help="mixed precision: average stored bits per weight over the quantized layers")
     ap.add_argument("--mixed-choices", default="2,3,4,5,8", help="mixed precision: comma-separated widths")
+    ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                    help="--no-sequential: one statistics pass per block (quantize.sequential: false)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # stage progress, on stderr
 
@@ -49,7 +51,7 @@ def main() -> None:
     calib = load_file(args.calib)["input_ids"]
     cfg = QuantizeConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
                          act_order=args.act_order and args.method == "gptq", damp=args.damp,
-                         clip_search=args.clip_search, awq_scales=args.awq_scales,
+                         clip_search=args.clip_search, awq_scales=args.awq_scales, sequential=args.sequential,
                          mixed=None if args.mixed_target is None else {
                              "target_bits": args.mixed_target,
                              "choices": [int(c) if c.strip().isdigit() else c.strip()

@@ -147,6 +147,9 @@ class QuantizeConfig(_Strict):
                                                 "(rms(x)^a / mean|w|^(1-a)); false: activations only")
     mixed: MixedPrecisionConfig | None = Field(None, description="choose bits (and group size) per layer to meet a "
                                                                  "size target; `bits` is then the AWQ search width")
+    sequential: bool = Field(True, description="calibrate each input group of a block on the inputs left by the "
+                                               "earlier groups' changes; false: one statistics pass per block, "
+                                               "~40% less calibration time")
 
     @field_validator("group_size")
     @classmethod
@@ -164,6 +167,9 @@ class QuantizeConfig(_Strict):
     def _method_options(self) -> "QuantizeConfig":
         if self.method != "gptq" and self.act_order:
             raise ValueError("act_order applies to method gptq only")
+        if not self.sequential and self.uses_awq:
+            raise ValueError("sequential: false does not apply to AWQ, whose scales change the inputs of the next "
+                             "groups of a block (their statistics must be collected afterwards)")
         if self.awq_scales and self.method != "gptq":
             raise ValueError("awq_scales adds AWQ scales before GPTQ (method gptq); AWQ with round to nearest is "
                              "method: awq")
@@ -215,6 +221,7 @@ class PruneConfig(_Strict):
     owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="owl: block sparsities span target ± this")
     owl_threshold: float = Field(5.0, gt=1, description="owl: a weight is an outlier when its Wanda score exceeds "
                                                         "this many times the block's mean")
+    sequential: bool = Field(True, description="as in quantize: false collects a block's statistics in one pass")
 
     @field_validator("include", "exclude")
     @classmethod

@@ -148,3 +148,49 @@ def test_each_group_is_calibrated_on_the_inputs_left_by_earlier_changes(family):
     assert len(real) == len(rec.seen) == 7 * model.config.num_hidden_layers
     for name, got in rec.seen.items():
         assert torch.allclose(got, torch.cat(real[name]), atol=1e-4), name
+
+
+def test_one_pass_mode_collects_every_group_on_the_unchanged_block():
+    """sequential=False: each group's statistic comes from the block as it was, even after earlier groups changed;
+    the next block still receives the changed block's output."""
+    ids = torch.randint(0, 384, (4, 24), generator=torch.Generator().manual_seed(0))
+
+    class Zeroing:
+        """Zeroes each group after recording its Hessian."""
+
+        def __init__(self):
+            self.hessians = {}
+
+        def wants(self, name, module):
+            return True
+
+        def accumulator(self, module):
+            return HessianAccumulator(module.in_features)
+
+        def process(self, block_index, block, group):
+            for name, (module, acc) in group.items():
+                self.hessians[name] = acc.hessian
+                with torch.no_grad():
+                    module.weight.zero_()
+
+    seen = {}
+    for sequential in (True, False):
+        model = tiny_model("llama")
+        stage = Zeroing()
+        run_layerwise(model, ids, stage, batch_size=2, sequential=sequential)
+        seen[sequential] = stage.hessians
+    down = "model.layers.0.mlp.down_proj"
+    # sequential: gate/up were zeroed before down's inputs were collected, so down saw only zeros
+    assert torch.count_nonzero(seen[True][down]) == 0
+    assert torch.count_nonzero(seen[False][down]) > 0
+    # block 1 follows block 0's changed output in both modes: its q/k/v input is the same
+    q1 = "model.layers.1.self_attn.q_proj"
+    assert torch.allclose(seen[True][q1], seen[False][q1])
+
+
+def test_one_pass_mode_is_refused_for_awq():
+    from compressor.recipe import QuantizeConfig
+
+    with pytest.raises(ValueError, match="sequential: false does not apply to AWQ"):
+        QuantizeConfig(method="awq", sequential=False)
+    assert not QuantizeConfig(method="gptq", sequential=False).sequential

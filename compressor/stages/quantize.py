@@ -62,7 +62,8 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
         if ctx.calibration is None:
             raise ValueError("AWQ needs calibration windows")
         awq = _AWQStage(model, cfg, set(targets))
-        run_layerwise(model, ctx.calibration, awq, batch_size=ctx.batch_size, device=ctx.device, label="awq scales")
+        run_layerwise(model, ctx.calibration, awq, batch_size=ctx.batch_size, device=ctx.device, label="awq scales",
+                      sequential=cfg.sequential)
         report.summary["awq_scaled_groups"] = sum(1 for r in awq.groups if r["alpha"] is not None)
         report.summary["awq_groups"] = len(awq.groups)
     widths = {name: (cfg.bits, cfg.group_size) for name in targets}
@@ -90,7 +91,7 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
         if ctx.calibration is None:
             raise ValueError("quantize gptq needs calibration windows")
         run_layerwise(model, ctx.calibration, _GPTQStage(model, cfg, widths, report),
-                      batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq")
+                      batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq", sequential=cfg.sequential)
     if awq is not None:
         rows = {r["name"]: r for r in report.layers}
         for g in awq.groups:
