@@ -16,6 +16,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import logging
 import platform
 import sys
 import time
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant names, e.g. 'SparseGPT 50%%,Wanda 2:4'")
     ap.add_argument("--with-gptq", action="store_true", help="also quantize the SparseGPT variants with GPTQ W4")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # stage progress, on stderr
     args.out.mkdir(parents=True, exist_ok=True)
 
     proto = load_protocol(args.windows)

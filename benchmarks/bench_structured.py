@@ -10,6 +10,7 @@ run. Decode reads every weight once per token (the tied embedding table too, as 
 speedup is the ratio of weight bytes before and after; the table shows measured / ideal.
 
     python benchmarks/bench_structured.py [--windows 16] [--variants "MLP -25%,3 blocks"] [--no-speed]
+                                          [--distill-steps N]   # distillation budget, e.g. what fits 20 minutes
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import logging
 import platform
 import shutil
 import sys
@@ -30,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from compressor.evaluate import speed  # noqa: E402
 from compressor.evaluate.accuracy import TorchRuntime, compare  # noqa: E402
-from compressor.recipe import PruneDepthConfig, PruneWidthConfig, SpeedConfig  # noqa: E402
+from compressor.recipe import DistillConfig, PruneDepthConfig, PruneWidthConfig, SpeedConfig  # noqa: E402
 from compressor.stages import StageContext  # noqa: E402
+from compressor.stages.distill import apply_distill  # noqa: E402
 from compressor.stages.structured import apply_prune_depth, apply_prune_width  # noqa: E402
 from export.gguf import write_gguf  # noqa: E402
 from export.onnx import OnnxOptions, write_onnx  # noqa: E402
@@ -56,7 +59,11 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--distill-steps", type=int, default=0, help="also distill each pruned model (teacher: unpruned)"
+                    " for this many steps of 8 x 128 calibration tokens")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # stage progress, on stderr
     args.out.mkdir(parents=True, exist_ok=True)
     proto = load_protocol(args.windows)
     baseline, tok, source_gguf, calib, windows = (proto.baseline, proto.tokenizer, proto.source_gguf,
@@ -75,8 +82,20 @@ def main() -> None:
         print(f"{name}: pruned in {info[name]['seconds']}s: {info[name]['summaries']}", file=sys.stderr)
         models[name] = model
 
+    distilled: dict[str, torch.nn.Module] = {}
+    if args.distill_steps:
+        cfg = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_size=8, seq_len=128, eval_every=25,
+                            holdout=8)
+        for name in list(models)[1:]:
+            student = copy.deepcopy(models[name])
+            start = time.perf_counter()
+            report = apply_distill(cfg, student, StageContext(calibration=calib, teacher=baseline))
+            info[name + " + distill"] = {"seconds": round(time.perf_counter() - start, 1),
+                                         "summaries": [report.summary]}
+            print(f"{name} + distill: {info[name + ' + distill']}", file=sys.stderr)
+            distilled[name + " + distill"] = student
     metrics = compare(TorchRuntime("torch float32", baseline),
-                      [TorchRuntime(n, m) for n, m in models.items() if n != "unpruned"], windows)
+                      [TorchRuntime(n, m) for n, m in {**models, **distilled}.items() if n != "unpruned"], windows)
 
     files: dict[tuple[str, str], Path] = {}
     for fmt in [f for f in args.formats.split(",") if f]:
@@ -97,7 +116,7 @@ def main() -> None:
     base_ppl = metrics["torch float32"]["perplexity"]
     lines = ["| model | ppl | vs unpruned | KL | top-1 | block params removed | prune s |",
              "|---|---|---|---|---|---|---|", f"| unpruned | {base_ppl:.3f} | - | - | - | - | - |"]
-    for name in models:
+    for name in [*models, *distilled]:
         if name == "unpruned":
             continue
         m = metrics[name]
@@ -123,6 +142,11 @@ def main() -> None:
                          f"| {name} | {fmt} | {size / 1e6:.1f} | {ms:.2f} | - | - | - | - |")
         else:
             lines.append(f"| {name} | {fmt} | {size / 1e6:.1f} | - | - | {ideal:.3f}x | - | - |")
+    for name in distilled:
+        pruned = name.removesuffix(" + distill")
+        gap, left = metrics[pruned]["perplexity"] - base_ppl, metrics[name]["perplexity"] - base_ppl
+        lines.append(f"\n{name}: closes {1 - left / gap:.0%} of the perplexity gap pruning opened, in "
+                     f"{info[name]['seconds']} s")
     table = "\n".join(lines)
     print(table)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
