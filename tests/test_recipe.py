@@ -54,7 +54,8 @@ def test_cross_field_checks_for_exports():
 
 
 def test_unknown_stage_kind_lists_kinds():
-    assert "allowed: ['quantize']" in _error({"model": "x", "stages": [{"sparsify": {}}]})
+    assert "allowed: ['prune', 'prune_width', 'prune_depth', 'distill', 'quantize']" in _error(
+        {"model": "x", "stages": [{"sparsify": {}}]})
 
 
 def test_unknown_top_level_key():
