@@ -62,9 +62,72 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=0, help="also distill each pruned model (teacher: unpruned)"
                     " for this many steps of 8 x 128 calibration tokens")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--speed-only", action="store_true", help="measure the files of the latest run in --out again "
+                    "(e.g. on a quiet machine) and print the tables with its accuracy figures")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # stage progress, on stderr
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.speed_only:
+        runs = sorted(args.out.glob("results-*.json"))
+        if not runs:
+            sys.exit(f"--speed-only: no results-*.json in {args.out}; run without it first")
+        earlier = json.loads(runs[-1].read_text())
+        metrics, info = earlier["metrics"], earlier["info"]
+        files = {tuple(k.split(" | ")): Path(v) for k, v in earlier["files"].items()}
+        windows_n = earlier["windows"]
+        wanted = set(args.formats.split(","))
+        files = {k: v for k, v in files.items() if k[1] in wanted}
+    else:
+        metrics, info, files, windows_n = _prune_and_export(args)
+    speeds = {}
+    if not args.no_speed:
+        cfg = SpeedConfig(prompt_tokens=128, decode_tokens=64, prefill_tokens=512, repeats=5)
+        for (name, fmt), path in files.items():
+            speeds[f"{name} | {fmt}"] = speed.measure(FORMATS[fmt][0], str(path), cfg)
+            print(f"{name} {fmt}: {speeds[f'{name} | {fmt}']}", file=sys.stderr)
+
+    base_ppl = metrics["torch float32"]["perplexity"]
+    lines = ["| model | ppl | vs unpruned | KL | top-1 | block params removed | prune s |",
+             "|---|---|---|---|---|---|---|", f"| unpruned | {base_ppl:.3f} | - | - | - | - | - |"]
+    for name in [n for n in info if n != "unpruned"]:
+        m = metrics[name]
+        removed = next((s.get("block_parameters_removed") for s in info[name]["summaries"]
+                        if "block_parameters_removed" in s), None)
+        removed = removed if removed is not None else ", ".join(
+            f"blocks {s['blocks_removed']}" for s in info[name]["summaries"] if "blocks_removed" in s)
+        lines.append(f"| {name} | {m['perplexity']:.3f} | {m['perplexity'] / base_ppl - 1:+.1%} | "
+                     f"{m['kl_divergence']:.4f} | {m['top1_agreement']:.3f} | {removed} | {info[name]['seconds']} |")
+    lines += ["", "| model | format | size MB | decode ms/token | speedup | ideal (bytes ratio) | speedup / ideal | "
+                  "gain / ideal gain |", "|---|---|---|---|---|---|---|---|"]
+    for (name, fmt), path in files.items():
+        size = speed.directory_bytes(path) if path.is_dir() else path.stat().st_size
+        base_path = files[("unpruned", fmt)]
+        base_size = speed.directory_bytes(base_path) if base_path.is_dir() else base_path.stat().st_size
+        ms = speeds.get(f"{name} | {fmt}", {}).get("decode_ms_per_token")
+        base_ms = speeds.get(f"unpruned | {fmt}", {}).get("decode_ms_per_token")
+        ideal = base_size / size
+        if ms and base_ms:
+            got = base_ms / ms
+            lines.append(f"| {name} | {fmt} | {size / 1e6:.1f} | {ms:.2f} | {got:.3f}x | {ideal:.3f}x | "
+                         f"{got / ideal:.0%} | {(got - 1) / (ideal - 1):.0%} |" if name != "unpruned" else
+                         f"| {name} | {fmt} | {size / 1e6:.1f} | {ms:.2f} | - | - | - | - |")
+        else:
+            lines.append(f"| {name} | {fmt} | {size / 1e6:.1f} | - | - | {ideal:.3f}x | - | - |")
+    for name in [n for n in info if n.endswith(" + distill")]:
+        pruned = name.removesuffix(" + distill")
+        gap, left = metrics[pruned]["perplexity"] - base_ppl, metrics[name]["perplexity"] - base_ppl
+        lines.append(f"\n{name}: closes {1 - left / gap:.0%} of the perplexity gap pruning opened, in "
+                     f"{info[name]['seconds']} s")
+    table = "\n".join(lines)
+    print(table)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    record = {"date": dt.date.today().isoformat(), "machine": platform.platform(), "threads": torch.get_num_threads(),
+              "windows": windows_n, "seq_len": 2048, "metrics": metrics, "info": info, "speeds": speeds,
+              "files": {f"{n} | {f}": str(p) for (n, f), p in files.items()}, "table": table}
+    (args.out / f"results-{stamp}.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def _prune_and_export(args) -> tuple[dict, dict, dict[tuple[str, str], Path], int]:
     proto = load_protocol(args.windows)
     baseline, tok, source_gguf, calib, windows = (proto.baseline, proto.tokenizer, proto.source_gguf,
                                                   proto.calibration, proto.windows)
@@ -106,54 +169,7 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             writer(model, tok, path, source_gguf)
             files[(name, fmt)] = path
-    speeds = {}
-    if not args.no_speed:
-        cfg = SpeedConfig(prompt_tokens=128, decode_tokens=64, prefill_tokens=512, repeats=5)
-        for (name, fmt), path in files.items():
-            speeds[f"{name} | {fmt}"] = speed.measure(FORMATS[fmt][0], str(path), cfg)
-            print(f"{name} {fmt}: {speeds[f'{name} | {fmt}']}", file=sys.stderr)
-
-    base_ppl = metrics["torch float32"]["perplexity"]
-    lines = ["| model | ppl | vs unpruned | KL | top-1 | block params removed | prune s |",
-             "|---|---|---|---|---|---|---|", f"| unpruned | {base_ppl:.3f} | - | - | - | - | - |"]
-    for name in [*models, *distilled]:
-        if name == "unpruned":
-            continue
-        m = metrics[name]
-        removed = next((s.get("block_parameters_removed") for s in info[name]["summaries"]
-                        if "block_parameters_removed" in s), None)
-        removed = removed if removed is not None else ", ".join(
-            f"blocks {s['blocks_removed']}" for s in info[name]["summaries"] if "blocks_removed" in s)
-        lines.append(f"| {name} | {m['perplexity']:.3f} | {m['perplexity'] / base_ppl - 1:+.1%} | "
-                     f"{m['kl_divergence']:.4f} | {m['top1_agreement']:.3f} | {removed} | {info[name]['seconds']} |")
-    lines += ["", "| model | format | size MB | decode ms/token | speedup | ideal (bytes ratio) | speedup / ideal | "
-                  "gain / ideal gain |", "|---|---|---|---|---|---|---|---|"]
-    for (name, fmt), path in files.items():
-        size = speed.directory_bytes(path) if path.is_dir() else path.stat().st_size
-        base_path = files[("unpruned", fmt)]
-        base_size = speed.directory_bytes(base_path) if base_path.is_dir() else base_path.stat().st_size
-        ms = speeds.get(f"{name} | {fmt}", {}).get("decode_ms_per_token")
-        base_ms = speeds.get(f"unpruned | {fmt}", {}).get("decode_ms_per_token")
-        ideal = base_size / size
-        if ms and base_ms:
-            got = base_ms / ms
-            lines.append(f"| {name} | {fmt} | {size / 1e6:.1f} | {ms:.2f} | {got:.3f}x | {ideal:.3f}x | "
-                         f"{got / ideal:.0%} | {(got - 1) / (ideal - 1):.0%} |" if name != "unpruned" else
-                         f"| {name} | {fmt} | {size / 1e6:.1f} | {ms:.2f} | - | - | - | - |")
-        else:
-            lines.append(f"| {name} | {fmt} | {size / 1e6:.1f} | - | - | {ideal:.3f}x | - | - |")
-    for name in distilled:
-        pruned = name.removesuffix(" + distill")
-        gap, left = metrics[pruned]["perplexity"] - base_ppl, metrics[name]["perplexity"] - base_ppl
-        lines.append(f"\n{name}: closes {1 - left / gap:.0%} of the perplexity gap pruning opened, in "
-                     f"{info[name]['seconds']} s")
-    table = "\n".join(lines)
-    print(table)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    record = {"date": dt.date.today().isoformat(), "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "windows": int(windows.shape[0]), "seq_len": 2048, "metrics": metrics, "info": info, "speeds": speeds,
-              "table": table}
-    (args.out / f"results-{stamp}.json").write_text(json.dumps(record, indent=2, default=str))
+    return metrics, info, files, int(windows.shape[0])
 
 
 if __name__ == "__main__":
