@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ from compressor.recipe import PruneConfig, QuantizeConfig  # noqa: E402
 from compressor.stages import StageContext  # noqa: E402
 from compressor.stages.prune import apply_prune  # noqa: E402
 from compressor.stages.quantize import apply_quantize  # noqa: E402
-from protocol import load_protocol  # noqa: E402
+from protocol import load_protocol, save_results  # noqa: E402
 
 METHODS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 AMOUNTS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
@@ -94,12 +91,7 @@ def main() -> None:
         m, i = metrics[name], info[name]
         lines.append(f"| {name} | {i['sparsity']:.3f} | {m['perplexity']:.3f} | {m['perplexity'] / base - 1:+.1%} | "
                      f"{m['kl_divergence']:.4f} | {m['top1_agreement']:.3f} | {i['seconds']} |")
-    table = "\n".join(lines)
-    print(table)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    record = {"date": dt.date.today().isoformat(), "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "windows": int(windows.shape[0]), "seq_len": 2048, "metrics": metrics, "info": info, "table": table}
-    (args.out / f"results-{stamp}.json").write_text(json.dumps(record, indent=2))
+    save_results(args.out, "\n".join(lines), windows=int(windows.shape[0]), metrics=metrics, info=info)
 
 
 def _linear_sparsity(model: torch.nn.Module) -> float:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -38,7 +36,7 @@ from compressor.stages.distill import apply_distill  # noqa: E402
 from compressor.stages.structured import apply_prune_depth, apply_prune_width  # noqa: E402
 from export.gguf import write_gguf  # noqa: E402
 from export.onnx import OnnxOptions, write_onnx  # noqa: E402
-from protocol import load_protocol  # noqa: E402
+from protocol import load_protocol, save_results  # noqa: E402
 
 VARIANTS = {
     "MLP -25%": [PruneWidthConfig(mlp=0.25)],
@@ -118,13 +116,8 @@ def main() -> None:
         gap, left = metrics[pruned]["perplexity"] - base_ppl, metrics[name]["perplexity"] - base_ppl
         lines.append(f"\n{name}: closes {1 - left / gap:.0%} of the perplexity gap pruning opened, in "
                      f"{info[name]['seconds']} s")
-    table = "\n".join(lines)
-    print(table)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    record = {"date": dt.date.today().isoformat(), "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "windows": windows_n, "seq_len": 2048, "metrics": metrics, "info": info, "speeds": speeds,
-              "files": {f"{n} | {f}": str(p) for (n, f), p in files.items()}, "table": table}
-    (args.out / f"results-{stamp}.json").write_text(json.dumps(record, indent=2, default=str))
+    save_results(args.out, "\n".join(lines), windows=windows_n, metrics=metrics, info=info, speeds=speeds,
+                 files={f"{n} | {f}": str(p) for (n, f), p in files.items()})
 
 
 def _prune_and_export(args) -> tuple[dict, dict, dict[tuple[str, str], Path], int]:

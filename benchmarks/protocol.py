@@ -41,3 +41,17 @@ def load_protocol(windows: int = 16) -> Protocol:
     baseline, tok, _ = load(model_cfg)
     return Protocol(baseline, tok, Path(src.path) / src.gguf_file, calibration_windows(tok, CALIBRATION),
                     evaluation_windows(tok, evaluation_config(windows)))
+
+
+def save_results(out: Path, table: str, **record) -> Path:
+    """Print the table and keep it, with the run's figures and where it ran, in OUT/results-<time>.json."""
+    import datetime as dt
+    import json
+    import platform
+
+    print(table)
+    path = out / f"results-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": platform.platform(),
+                                "threads": torch.get_num_threads(), "seq_len": 2048, **record, "table": table},
+                               indent=2, default=str))
+    return path
