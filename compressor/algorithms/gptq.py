@@ -78,7 +78,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
         for g in range(n_groups):
             scales[:, g], zeros[:, g] = grid.fit(W[:, g * gs : (g + 1) * gs], bits, symmetric, clip_search)
         fitted = [True] * n_groups
-    pruned = (w == 0)[:, perm].t().contiguous() if bool((w == 0).any()) else None
+    zero = w == 0
+    pruned = zero[:, perm].t().contiguous() if bool(zero.any()) else None
     W = W[:, perm]
     group_of = (perm // gs).tolist()  # group of each processed column
     Hinv = factor.hinv
