@@ -10,7 +10,7 @@ run. Decode reads every weight once per token (the tied embedding table too, as 
 speedup is the ratio of weight bytes before and after; the table shows measured / ideal.
 
     python benchmarks/bench_structured.py [--windows 16] [--variants "MLP -25%,3 blocks"] [--no-speed]
-                                          [--distill-steps N]   # distillation budget, e.g. what fits 20 minutes
+                                          [--distill-minutes 20] [--distill-steps N]   # distillation budget
 """
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--distill-steps", type=int, default=0, help="also distill each pruned model (teacher: unpruned)"
                     " for this many steps of 8 x 128 calibration tokens")
+    ap.add_argument("--distill-minutes", type=float, default=None, help="also distill each pruned model for this "
+                    "wall-clock budget (with --distill-steps as well: whichever ends first)")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--speed-only", action="store_true", help="measure the files of the latest run in --out again "
                     "(e.g. on a quiet machine) and print the tables with its accuracy figures")
@@ -139,9 +141,9 @@ def _prune_and_export(args) -> tuple[dict, dict, dict[tuple[str, str], Path], in
         models[name] = model
 
     distilled: dict[str, torch.nn.Module] = {}
-    if args.distill_steps:
-        cfg = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_size=8, seq_len=128, eval_every=25,
-                            holdout=8)
+    if args.distill_steps or args.distill_minutes:
+        cfg = DistillConfig(steps=args.distill_steps or 1_000_000, max_minutes=args.distill_minutes,
+                            lr=args.distill_lr, batch_size=8, seq_len=128, eval_every=25, holdout=16)
         for name in list(models)[1:]:
             student = copy.deepcopy(models[name])
             start = time.perf_counter()

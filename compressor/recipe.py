@@ -315,7 +315,10 @@ class DistillConfig(_Strict):
     steps: int = Field(200, gt=0, description="optimizer steps at most (early stopping may end sooner)")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate (linear warmup over the first 5% of steps)")
     batch_size: int = Field(4, gt=0, description="windows per step")
-    seq_len: int | None = Field(None, ge=8, description="tokens per window; default: the windows' own length")
+    seq_len: int | None = Field(None, ge=8, description="tokens per window; longer windows are cut into pieces of "
+                                                        "this length; default: the windows' own length")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: stop after the step that passes "
+                                                              "it (the best weights are kept)")
     temperature: float = Field(1.0, gt=0)
     hidden_weight: float = Field(0.0, ge=0, description="weight of the final hidden state's mean squared error "
                                                          "(relative to the teacher's) added to the KL loss")

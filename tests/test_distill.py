@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -65,6 +66,20 @@ def test_divergence_stops_early_and_keeps_the_best_weights():
     assert s["steps"] == 10 and s["best_step"] == 0
     assert s["holdout_kl_after"] == s["holdout_kl_before"]
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+def test_time_budget_stops_training_and_long_windows_are_cut_into_pieces():
+    teacher, student = _pruned_pair()
+    # 10 windows of 48 tokens at seq_len 16 give 30 windows: 4 held out, 26 to train on
+    cfg = DistillConfig(steps=10_000, lr=1e-3, batch_size=2, seq_len=16, eval_every=1000, holdout=4,
+                        max_minutes=0.02)
+    start = time.perf_counter()
+    report = apply_distill(cfg, student, StageContext(calibration=_windows(1, 10), teacher=teacher))
+    assert time.perf_counter() - start < 30
+    s = report.summary
+    assert s["train_windows"] == 26
+    assert 0 < s["steps"] < 10_000
+    assert report.layers[-1]["step"] == s["steps"]  # the step that ran out of time was evaluated
 
 
 def test_bad_distill_options_are_refused_early():

@@ -32,8 +32,9 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
     windows = ctx.distill_windows if ctx.distill_windows is not None else ctx.calibration
     if windows is None:
         raise ValueError("distill needs training windows: a calibration section or distill.data")
-    if cfg.seq_len is not None:
-        windows = windows[:, : cfg.seq_len]
+    if cfg.seq_len is not None and cfg.seq_len < windows.shape[1]:
+        pieces = windows.shape[1] // cfg.seq_len  # long windows become several training windows, none is wasted
+        windows = windows[:, : pieces * cfg.seq_len].reshape(-1, cfg.seq_len)
     if windows.shape[0] <= cfg.holdout:
         raise ValueError(f"distill: {windows.shape[0]} windows, not more than holdout {cfg.holdout}; give more "
                          "samples (calibration.samples or distill.data.samples) or a smaller holdout")
@@ -86,14 +87,17 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
                 p.masked_fill_(zero, 0)
         running += float(loss.detach())
         seen += 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - start >= cfg.max_minutes * 60
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             model.eval()
             kl = held_kl()
             rows.append({"step": step, "train_loss": round(running / seen, 6), "holdout_kl": round(kl, 6)})
             elapsed = time.perf_counter() - start
+            eta = elapsed / step * (cfg.steps - step)
+            if cfg.max_minutes is not None:
+                eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
             log.info("distill: step %d/%d, train loss %.4f, held-out KL %.4f (best %.4f), elapsed %.0fs, ETA %.0fs",
-                     step, cfg.steps, running / seen, kl, min(best, kl), elapsed,
-                     elapsed / step * (cfg.steps - step))
+                     step, cfg.steps, running / seen, kl, min(best, kl), elapsed, eta)
             running, seen = 0.0, 0
             if kl < best:
                 best, best_step, best_state, waited = kl, step, _snapshot(params), 0
@@ -102,9 +106,12 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
                 if waited >= cfg.patience:
                     log.info("distill: no improvement in %d evaluations; stopping at step %d", waited, step)
                     break
+            if out_of_time:
+                log.info("distill: the %.1f-minute budget is spent; stopping at step %d", cfg.max_minutes, step)
+                break
     _restore(params, best_state)
     model.eval()
-    summary = {"steps": step, "best_step": best_step, "holdout_kl_before": round(first, 6),
+    summary = {"steps": step, "train_windows": len(train), "best_step": best_step, "holdout_kl_before": round(first, 6),
                "holdout_kl_after": round(best, 6), "recovered": round(1 - best / first, 4) if first > 0 else None,
                "trainable_weights": sum(p.numel() for p in params), "sparse_tensors_kept": len(masks)}
     if not math.isfinite(best):
