@@ -340,6 +340,69 @@ class DistillConfig(_Strict):
         return self.data is None
 
 
+class LowRankConfig(_Strict):
+    """Replace linear layers by two smaller ones (W ≈ second · first) of a chosen rank: fewer parameters, and in
+    formats that keep the two factors (safetensors, ONNX) a smaller, faster file."""
+
+    method: Literal["svd", "activation_aware"] = Field(
+        "activation_aware", description="svd: truncate the weight itself; activation_aware: truncate in the norm of "
+                                        "the layer's output on calibration inputs (whitened, as SVD-LLM)")
+    ratio: float | dict[str, float] | None = Field(
+        None, description="fraction of the factorized layers' parameters removed, in (0, 1); or per layer kind: "
+                          "{regex on the layer name: fraction} (first match wins; layers matching none stay dense)")
+    energy: float | None = Field(None, gt=0, le=1, description="instead of ratio: each layer keeps the smallest "
+                                                               "rank that holds this fraction of its (output) energy")
+    rank: int | None = Field(None, ge=1, description="instead of ratio: the same rank for every layer")
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform", description="uniform: every layer loses `ratio` of its parameters; sensitivity: the layers "
+                               "together lose `ratio`, ranks chosen for the least predicted output error")
+    alignment: int = Field(32, ge=1, description="computed ranks are multiples of this (quantization groups of a "
+                                                 "later stage must fit the second factor's inputs)")
+    update: bool = Field(False, description="refit the second factor by least squares on the calibration inputs "
+                                            "after truncating (closed form)")
+    damp: float = Field(0.01, gt=0, le=1, description="fraction of the mean input second moment added to its "
+                                                      "diagonal before whitening")
+    include: tuple[str, ...] = Field((), description="regexes; only linear layers whose name matches are factorized")
+    exclude: tuple[str, ...] = Field((), description="regexes; matching linear layers stay dense")
+    sequential: bool = Field(True, description="as in quantize: false collects a block's statistics in one pass")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _valid_regexes(v)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: Any) -> Any:
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        for x in values:
+            if not 0 < x < 1:
+                raise ValueError(f"ratio {x} must lie in (0, 1): the fraction of parameters removed, e.g. 0.2")
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("ratio: an empty mapping; give {regex: fraction}, e.g. {mlp: 0.3}")
+            _valid_regexes(tuple(v))
+        return v
+
+    @model_validator(mode="after")
+    def _amount(self) -> "LowRankConfig":
+        if sum(x is not None for x in (self.ratio, self.energy, self.rank)) != 1:
+            raise ValueError("give exactly one of ratio (fraction of parameters removed, e.g. 0.2), energy "
+                             "(fraction kept per layer, e.g. 0.9) or rank (e.g. 128)")
+        if self.allocation == "sensitivity" and not isinstance(self.ratio, float):
+            raise ValueError("allocation sensitivity shares one parameter budget among the layers: give ratio as a "
+                             "single fraction")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "activation_aware" or self.update
+
+
+class LowRankStage(_Strict):
+    low_rank: LowRankConfig
+
+
 class DistillStage(_Strict):
     distill: DistillConfig
 
@@ -352,9 +415,9 @@ class PruneDepthStage(_Strict):
     prune_depth: PruneDepthConfig
 
 
-STAGE_KINDS = ("prune", "prune_width", "prune_depth", "distill", "quantize")
+STAGE_KINDS = ("prune", "prune_width", "prune_depth", "low_rank", "distill", "quantize")
 _STAGE_TYPES = {PruneStage: "prune", PruneWidthStage: "prune_width", PruneDepthStage: "prune_depth",
-                DistillStage: "distill", QuantizeStage: "quantize"}
+                LowRankStage: "low_rank", DistillStage: "distill", QuantizeStage: "quantize"}
 
 
 def _stage_kind(value: Any) -> str | None:
@@ -369,7 +432,8 @@ def stage_config(stage: Any) -> Any:
 
 
 Stage = Annotated[Union[Annotated[PruneStage, Tag("prune")], Annotated[PruneWidthStage, Tag("prune_width")],
-                        Annotated[PruneDepthStage, Tag("prune_depth")], Annotated[DistillStage, Tag("distill")],
+                        Annotated[PruneDepthStage, Tag("prune_depth")], Annotated[LowRankStage, Tag("low_rank")],
+                        Annotated[DistillStage, Tag("distill")],
                         Annotated[QuantizeStage, Tag("quantize")]],
                   Discriminator(_stage_kind)]
 
@@ -380,8 +444,18 @@ class SafetensorsExportConfig(_Strict):
                                                                  "dense: dequantized weights plain transformers loads")
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of the tensors that are not quantized (and of dense weights)")
+    low_rank: Literal["keep", "merge"] = Field(
+        "keep", description="factorized layers of a low-rank stage: keep (two matrices each; compressor's loader "
+                            "reads them) or merge (one dense matrix each, for tools that know only the original "
+                            "architecture; format dense only)")
     name: str | None = Field(None, description="folder name inside the run folder (default: safetensors or "
                                                "safetensors-dense)")
+
+    @model_validator(mode="after")
+    def _merge_is_dense(self) -> "SafetensorsExportConfig":
+        if self.low_rank == "merge" and self.format != "dense":
+            raise ValueError("low_rank: merge writes dense products of the factors; use format: dense with it")
+        return self
 
 
 class SafetensorsExport(_Strict):
@@ -407,6 +481,9 @@ class GGUFExportConfig(_Strict):
                                                          "(first match wins), e.g. {'ffn_down': q8_0}")
     imatrix: bool | None = Field(None, description="guide llama.cpp's quantizer with an importance matrix from the "
                                                    "calibration data (default: when there is calibration data)")
+    low_rank: Literal["refuse", "merge"] = Field(
+        "refuse", description="GGUF architectures have no factorized layer: refuse a model with low-rank layers, "
+                              "or merge each into one dense matrix (the file is then not smaller for it)")
     name: str | None = Field(None, description="folder name inside the run folder (default: gguf)")
 
     @field_validator("type")
@@ -470,6 +547,8 @@ class OnnxExportConfig(_Strict):
                           "float32)")
     external_data: bool | None = Field(None, description="weights in model.onnx.data (default: only above ~1.8 GB, "
                                                          "which one protobuf file cannot hold)")
+    low_rank: Literal["keep", "merge"] = Field(
+        "keep", description="factorized layers of a low-rank stage: keep (two MatMuls each) or merge (one)")
     name: str | None = Field(None, description="folder name inside the run folder (default: onnx)")
 
     @field_validator("block_size")
@@ -483,7 +562,7 @@ class OnnxExportConfig(_Strict):
         """The export.onnx.OnnxOptions of these settings."""
         from export.onnx import OnnxOptions
 
-        return OnnxOptions(**self.model_dump(exclude={"name"}))
+        return OnnxOptions(**self.model_dump(exclude={"name", "low_rank"}))
 
 
 class OnnxExport(_Strict):
@@ -575,20 +654,32 @@ class Recipe(_Strict):
         for i, stage in enumerate(self.stages):
             cfg, kind = stage_config(stage), _STAGE_TYPES[type(stage)]
             if cfg.needs_calibration and self.calibration is None:
-                what = f"method {cfg.method}" if kind in ("prune", "quantize") else "it"
+                what = f"method {cfg.method}" if kind in ("prune", "quantize", "low_rank") else "it"
                 also = " or its own `data`" if kind == "distill" else ""
                 raise ValueError(f"stages[{i}].{kind}: {what} needs a `calibration` section{also} (text to "
                                  "calibrate on)")
             if kind != "quantize" and any(isinstance(s, QuantizeStage) for s in self.stages[:i]):
                 raise ValueError(f"stages[{i}].{kind} comes after a quantize stage, whose layers hold integer codes; "
                                  f"put {kind} before quantize (the zeros of pruned weights are kept)")
+            factorized = any(isinstance(s, LowRankStage) for s in self.stages[:i])
+            if factorized and (kind == "prune_width" or kind == "quantize" and cfg.uses_awq):
+                what = "prune_width" if kind == "prune_width" else "quantize method awq"
+                raise ValueError(f"stages[{i}]: {what} after a low_rank stage is not supported (it reads the "
+                                 "dense projections the factorization replaced); put it before low_rank"
+                                 + ("" if kind == "prune_width" else ", or use method gptq or rtn"))
             if kind == "distill" and cfg.teacher_stage >= i:
                 raise ValueError(f"stages[{i}].distill.teacher_stage {cfg.teacher_stage}: the teacher is the model "
                                  f"before an earlier stage, 0 to {i - 1}" if i else
                                  "stages[0].distill: a first stage has no earlier model to learn from; distill after "
                                  "a pruning stage")
+        factorized = any(isinstance(s, LowRankStage) for s in self.stages)
         for i, exp in enumerate(self.export):
             if isinstance(exp, GGUFExport):
+                if factorized and exp.gguf.low_rank == "refuse":
+                    raise ValueError(f"export[{i}].gguf: GGUF architectures have no factorized layers, and the "
+                                     "recipe has a low_rank stage; set low_rank: merge on this export to write each "
+                                     "factor pair as one dense matrix (the file is then not smaller for the "
+                                     "factorization), or export onnx or safetensors, which keep the factors")
                 if exp.gguf.imatrix and self.calibration is None:
                     raise ValueError(f"export[{i}].gguf.imatrix needs a `calibration` section (the text whose "
                                      "activations weigh the quantization error)")

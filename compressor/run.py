@@ -22,9 +22,10 @@ from .evaluate import speed
 from .evaluate.accuracy import TorchRuntime, compare
 from .quant.tensor import QuantLinear
 from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir
-from .recipe import DistillStage, PruneDepthStage, PruneStage, PruneWidthStage, QuantizeStage, Recipe
+from .recipe import DistillStage, LowRankStage, PruneDepthStage, PruneStage, PruneWidthStage, QuantizeStage, Recipe
 from .report import budget_failures, markdown
 from .stages import StageContext, apply_stage
+from .stages.low_rank import check_low_rank, low_rank_targets, planned_ranks
 from .stages.prune import check_prune_shapes
 from .stages.structured import check_depth, check_width, width_after
 from .stages.quantize import check_shapes, select_linears, stage_widths
@@ -190,7 +191,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
         if getattr(target, "gguf", None):
             from export.gguf import check_model
 
-            check_model(model, target.gguf.plan(), f"export[{i}].gguf")
+            check_model(model, target.gguf.plan(), f"export[{i}].gguf", low_rank=target.gguf.low_rank)
         if getattr(target, "onnx", None):
             from export.onnx import OnnxError, check_model as check_onnx
 
@@ -264,6 +265,21 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
 
 def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenizer: Any, source: models.ModelSource,
             quant: list[Any], calib: torch.Tensor | None, ctx: StageContext, stats: dict[str, Any]) -> dict[str, Any]:
+    from .low_rank import low_rank_layers, merged
+    from .recipe import GGUFExport
+
+    cfg = next(getattr(target, k) for k in ("onnx", "gguf", "safetensors") if getattr(target, k, None) is not None)
+    if cfg.low_rank == "merge" and low_rank_layers(model):
+        with merged(model) as names:
+            log.warning("export %s: %d factorized layer(s) merged into dense matrices%s", name, len(names),
+                        " (the file is not smaller for the factorization)" if isinstance(target, GGUFExport) else "")
+            return _export_as_is(target, name, work, model, tokenizer, source, quant, calib, ctx, stats)
+    return _export_as_is(target, name, work, model, tokenizer, source, quant, calib, ctx, stats)
+
+
+def _export_as_is(target: Any, name: str, work: Path, model: torch.nn.Module, tokenizer: Any,
+                  source: models.ModelSource, quant: list[Any], calib: torch.Tensor | None, ctx: StageContext,
+                  stats: dict[str, Any]) -> dict[str, Any]:
     from .recipe import GGUFExport, OnnxExport
 
     if isinstance(target, OnnxExport):
@@ -318,6 +334,7 @@ def _check_stages(recipe: Recipe, model: torch.nn.Module) -> None:
     """What each pruning stage can be checked for before calibration. Width pruning's new widths do not depend on
     the data, so a later quantize stage's group sizes are checked against them too."""
     widths: dict[str, int] = {}  # projection kind -> input width after the width stages so far
+    ranks: dict[str, int] = {}  # "low_rank stage i" -> what every rank it computes is a multiple of
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, PruneStage):
             section = f"stages[{i}].prune"
@@ -327,7 +344,21 @@ def _check_stages(recipe: Recipe, model: torch.nn.Module) -> None:
             widths.update(width_after(model, stage.prune_width))
         elif isinstance(stage, PruneDepthStage):
             check_depth(model, stage.prune_depth, section=f"stages[{i}].prune_depth")
-        elif isinstance(stage, QuantizeStage) and widths:
+        elif isinstance(stage, LowRankStage):
+            cfg, section = stage.low_rank, f"stages[{i}].low_rank"
+            targets = low_rank_targets(model, cfg, section=section)
+            check_low_rank(targets, cfg, section=section)
+            planned = planned_ranks(targets, cfg)
+            ranks[f"stages[{i}].low_rank"] = (cfg.rank if cfg.rank is not None and planned and any(planned.values())
+                                              else cfg.alignment)
+        elif isinstance(stage, QuantizeStage) and ranks:
+            for bits, group in stage_widths(stage.quantize):
+                bad = {k: r for k, r in ranks.items() if group != -1 and r % group}
+                if bad:
+                    raise RunError(f"stages[{i}].quantize.group_size {group}: the ranks of " + ", ".join(
+                        f"{k} are multiples of {r}" for k, r in bad.items()) + ", and a rank is the input width of "
+                        "the second factor; make the low_rank alignment (or rank) a multiple of the group size")
+        if isinstance(stage, QuantizeStage) and widths:
             for bits, group in stage_widths(stage.quantize):
                 bad = {k: w for k, w in widths.items() if group != -1 and w % group}
                 if bad:

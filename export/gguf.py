@@ -6,6 +6,9 @@ matches the block type. (2) Only when a tensor needs a type that llama.cpp alone
 or llama.cpp's own choice for the embedding and output tensors), the file from step 1 goes through llama.cpp's
 quantizer (`llama_model_quantize`), which copies tensors already in their final type and quantizes the rest,
 optionally guided by an importance matrix from the run's calibration data.
+
+GGUF architectures have no factorized layer: a model with low-rank layers (compressor.low_rank) is refused unless
+the caller merges them first (`compressor.low_rank.merged`, the recipe's `low_rank: merge`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from compressor import __version__
+from compressor.low_rank import LowRankLinear, low_rank_layers
 from compressor.quant.tensor import QuantLinear
 
 from .gguf_arch import Arch, ArchitectureError, arch_for, extra_tensors, gguf_tensor_name, hyperparameters, \
@@ -118,8 +122,11 @@ class TypePlan:
         return any(self.requested(n) is None for n in ("token_embd.weight", "output.weight"))
 
 
-def check_model(model: nn.Module, plan: TypePlan, where: str = "gguf") -> None:
-    """Everything about `model` that would make the export fail, checked before any long work."""
+def check_model(model: nn.Module, plan: TypePlan, where: str = "gguf", low_rank: str = "refuse") -> None:
+    """Everything about `model` that would make the export fail, checked before any long work. `low_rank`: "merge"
+    when the caller will merge the factorized layers before writing (then checked as the dense layers they become)."""
+    if low_rank != "merge":
+        check_low_rank(model, where)
     try:
         arch = arch_for(model.config)
         check_attention(model.config)
@@ -139,10 +146,24 @@ def check_model(model: nn.Module, plan: TypePlan, where: str = "gguf") -> None:
                         "falls back per tensor")
 
 
+def check_low_rank(model: nn.Module, where: str = "gguf") -> None:
+    """Refuse factorized layers rather than merge them here: merging gives up the size they save, which the caller
+    (the recipe's `low_rank: merge`) chooses knowingly."""
+    layers = low_rank_layers(model)
+    if layers:
+        raise GGUFError(f"{where}: the model has {len(layers)} factorized (low-rank) layer(s), e.g. "
+                        f"{next(iter(layers))}, and GGUF architectures have no factorized layers; the recipe option "
+                        "`low_rank: merge` on the gguf export merges each into one dense matrix (the file is then not "
+                        "smaller for them)")
+
+
 def _weight_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    shapes += [(f"{n}.weight", (m.out_features, m.in_features)) for n, m in model.named_modules()
-               if isinstance(m, QuantLinear)]
+    """Shapes of the tensors the file would hold: quantized and factorized layers as the dense matrix they apply."""
+    layers = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+              if isinstance(m, (QuantLinear, LowRankLinear))}
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LowRankLinear))
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if not n.startswith(inside)]
+    shapes += [(f"{n}.weight", shape) for n, shape in layers.items() if not n.startswith(inside)]
     return shapes
 
 
@@ -164,6 +185,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: Path, file_type: str | Ty
     """
     plan = file_type if isinstance(file_type, TypePlan) else TypePlan.of(file_type, embedding_type, output_type,
                                                                           tensor_types)
+    check_low_rank(model)
     config = model.config
     arch = arch_for(config)
     check_attention(config)

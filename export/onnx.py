@@ -4,7 +4,9 @@ The graph is written operator by operator (not traced): embedding -> per layer R
 GroupQueryAttention (rotary, causal/sliding-window mask, KV cache append), output projection, skip+RMSNorm, MLP ->
 final norm -> logits. These are the operators onnxruntime's own LLM builders emit for its fast CPU/GPU paths, so no
 fusion pass has to rediscover them. Linear layers are `MatMulNBits` holding the calibrated codes of a quantize stage
-(or codes rounded here for layers that have none) or plain `MatMul` for float exports.
+(or codes rounded here for layers that have none) or plain `MatMul` for float exports. A factorized layer of a
+low-rank stage (compressor.low_rank) is two such linears in a row, the bias on the second, and is never fused with
+its neighbours.
 
 Inputs and outputs follow the names optimum's ORTModelForCausalLM and onnxruntime-genai use: `input_ids`,
 `attention_mask`, `position_ids`, `past_key_values.N.key/value` [batch, kv_heads, past, head_dim] -> `logits`,
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.low_rank import LowRankLinear
 from compressor.quant.tensor import QuantLinear, quantize_rtn
 
 from .onnx_arch import DecoderSpec, rotary_tables, spec_for
@@ -274,6 +277,18 @@ class _Matrix:
     bias: torch.Tensor | None = None
 
 
+@dataclass
+class _Factored:
+    """A LowRankLinear: `first` [rank, K] then `second` [N, rank], which carries the bias."""
+
+    first: _Matrix
+    second: _Matrix
+
+    @property
+    def n(self) -> int:
+        return self.second.n
+
+
 class _DecoderGraph:
     def __init__(self, model: nn.Module, spec: DecoderSpec, options: OnnxOptions, summary: OnnxSummary) -> None:
         self.model, self.spec, self.opts, self.summary = model, spec, options, summary
@@ -285,8 +300,11 @@ class _DecoderGraph:
         self.names = {id(m): name for name, m in model.named_modules()}
 
     # ---- weights
-    def matrix(self, module: nn.Module, name: str, kind: str) -> _Matrix:
+    def matrix(self, module: nn.Module, name: str, kind: str) -> _Matrix | _Factored:
         """`kind`: float or int4/int8. Calibrated codes are written as they are where the block layout holds them."""
+        if isinstance(module, LowRankLinear):  # each factor is a linear layer of its own, at the same kind
+            return _Factored(self.matrix(module.first, f"{name}.first", kind),
+                             self.matrix(module.second, f"{name}.second", kind))
         bias = getattr(module, "bias", None)
         bias = None if bias is None else bias.detach().float()
         qt = module.qweight if isinstance(module, QuantLinear) else None
@@ -297,7 +315,7 @@ class _DecoderGraph:
             return _Matrix(n, k, float_weight=module.weight.detach().float(), bias=bias)
         bits = _BITS[kind]
         own = container_bits(qt.bits) if qt is not None else None
-        if own is not None and own != bits and name != "lm_head" and carries_exactly(qt, own):
+        if own is not None and own != bits and name.split(".")[0] != "lm_head" and carries_exactly(qt, own):
             bits = own  # a layer of another width (mixed precision) keeps it; the head follows its own option
             self.summary.own_width[bits] = self.summary.own_width.get(bits, 0) + 1
         if qt is not None and carries_exactly(qt, bits):
@@ -311,8 +329,10 @@ class _DecoderGraph:
         fitted = quantize_rtn(dense, bits, self.opts.block_size, self.opts.symmetric)
         return _Matrix(n, k, block=block_weights(fitted, bits, self.dtype), bias=bias)
 
-    def linear(self, x: str, m: _Matrix, name: str) -> str:
+    def linear(self, x: str, m: _Matrix | _Factored, name: str) -> str:
         g = self.g
+        if isinstance(m, _Factored):
+            return self.linear(self.linear(x, m.first, f"{name}.first"), m.second, f"{name}.second")
         bias = g.const(f"{name}.bias", m.bias.numpy().astype(self.dtype)) if m.bias is not None else ""
         if m.block is None and name == "lm_head" and self.shared_head:
             return g.op("MatMul", [x, g.op("Transpose", ["embed_tokens.weight"], perm=[1, 0])])
@@ -400,7 +420,7 @@ class _DecoderGraph:
         model.ir_version = IR_VERSION
         return model
 
-    def embedding(self, head: _Matrix) -> str:
+    def embedding(self, head: _Matrix | _Factored) -> str:
         g, s = self.g, self.spec
         table = self.model.model.embed_tokens.weight.detach().float()
         kind = self.opts.embedding_kind()
@@ -425,19 +445,20 @@ class _DecoderGraph:
                      gather_axis=0, quantize_axis=1)
         else:
             x = g.op("Gather", [g.const("embed_tokens.weight", table.numpy().astype(self.dtype)), "input_ids"])
-            if self.spec.tied and head.float_weight is not None and head.bias is None and torch.equal(
-                    head.float_weight, table):
+            if self.spec.tied and isinstance(head, _Matrix) and head.float_weight is not None and head.bias is None \
+                    and torch.equal(head.float_weight, table):
                 self.shared_head = True  # one table in the file; onnxruntime folds the transpose when it loads
         if s.family.embed_scale:
             # transformers rounds the normalizer to the model dtype before multiplying
             x = g.op("Mul", [x, g.const("embed_scale", np.array(s.hidden ** 0.5, self.dtype))])
         return x
 
-    def _shares_head(self, head: _Matrix, bits: int) -> bool:
+    def _shares_head(self, head: _Matrix | _Factored, bits: int) -> bool:
         """A tied output projection rounded here in the embedding's layout holds the same numbers as the
         embedding would: store them once."""
-        return (self.spec.tied and not isinstance(self.model.lm_head, QuantLinear) and head.block is not None
-                and head.block.bits == bits and head.block.block_size == self.opts.block_size and head.bias is None)
+        return (self.spec.tied and isinstance(head, _Matrix) and not isinstance(self.model.lm_head, QuantLinear)
+                and head.block is not None and head.block.bits == bits
+                and head.block.block_size == self.opts.block_size and head.bias is None)
 
     def norm(self, x: str, module: nn.Module) -> str:
         w = self.g.const(f"{self.names[id(module)]}.weight", self.norm_weight(module))
@@ -511,8 +532,10 @@ class _DecoderGraph:
                            f"{prefix}.down_proj")
 
 
-def _concat(mats: list[_Matrix]) -> _Matrix | None:
+def _concat(mats: list[_Matrix | _Factored]) -> _Matrix | None:
     """The matrices stacked along N (one projection of the same input), or None where their layouts differ."""
+    if any(isinstance(m, _Factored) for m in mats):
+        return None  # two operators in a row; stacking them with a neighbour would need a block-diagonal second
     first = mats[0]
     n = sum(m.n for m in mats)
     if all(m.bias is None for m in mats):

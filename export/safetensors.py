@@ -8,6 +8,10 @@ GPTQ format, per quantized linear ``<name>``:
 and ``quantization_config`` (quant_method gptq) in config.json plus a ``quantize_config.json`` for older loaders.
 Layers at another width than the checkpoint's (mixed precision) are listed in ``dynamic`` as GPTQModel and vLLM read
 it: ``{"+:^<name>$": {"bits": b, "group_size": g}}``.
+
+A factorized layer of a low-rank stage (compressor.low_rank) is stored as its two factors, ``<name>.first.*`` and
+``<name>.second.*``, each plain or in the GPTQ layout above, with the ranks in config.json under ``LOW_RANK_KEY``;
+only this project's loader reads such a checkpoint (for other tools, merge the factors into a dense export).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compressor import __version__
+from compressor.low_rank import LOW_RANK_KEY, install, ranks_config
 from compressor.quant.packing import pack, unpack
 from compressor.quant.tensor import QuantizedTensor, QuantLinear
 
@@ -69,7 +74,7 @@ def write_gptq(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = "
         "sym": first.symmetric,
         "true_sequential": True,
         "checkpoint_format": "gptq",
-        "lm_head": "lm_head" in quantized,
+        "lm_head": any(n == "lm_head" or n.startswith("lm_head.") for n in quantized),  # or a factor of it
         "meta": {"quantizer": [f"compressor:{__version__}"]},
         **({"dynamic": dynamic} if dynamic else {}),
         **(extra_config or {}),
@@ -131,11 +136,23 @@ def _write(model: nn.Module, tokenizer: Any, directory: Path, tensors: dict[str,
     config.pop("torch_dtype", None)
     if qconfig is not None:
         config["quantization_config"] = qconfig
+    _record_low_rank(model, config)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def _record_low_rank(model: nn.Module, config: dict[str, Any]) -> None:
+    """The ranks of the model's factorized layers, never an entry inherited from the config it was loaded with."""
+    config.pop(LOW_RANK_KEY, None)
+    ranks = ranks_config(model)
+    if ranks is None:
+        return
+    config[LOW_RANK_KEY] = ranks
+    if "lm_head" in ranks["layers"]:
+        config["tie_word_embeddings"] = False  # a factorized head no longer shares the embedding table
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -165,8 +182,13 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype = torch.float32, d
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # our loader, not transformers' quantizers, builds the quantized layers
+    low_rank = getattr(config, LOW_RANK_KEY, None)
+    if hasattr(config, LOW_RANK_KEY):
+        delattr(config, LOW_RANK_KEY)  # the model's own layers say it from now on; a copy could go stale
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if low_rank is not None:  # before the GPTQ layers: a factor can itself be quantized
+        _install_low_rank(model, low_rank, directory / "config.json")
     if qconfig is not None:
         if qconfig.get("quant_method") != "gptq":
             raise CheckpointError(f"{directory}: quantization method {qconfig.get('quant_method')!r} is not "
@@ -211,6 +233,13 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises SafetensorError and OSError for damaged files
             raise CheckpointError(f"{directory / f}: unreadable safetensors file ({e})") from e
     return tensors
+
+
+def _install_low_rank(model: nn.Module, entry: Any, where: Path) -> None:
+    try:
+        install(model, entry, where=str(where))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _install_gptq_layers(model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: dict[str, Any]) -> None:
