@@ -27,7 +27,7 @@ from .report import budget_failures, markdown
 from .stages import StageContext, apply_stage
 from .stages.low_rank import check_low_rank, low_rank_targets, planned_ranks
 from .stages.prune import check_prune_shapes
-from .stages.structured import check_depth, check_width, width_after
+from .stages.structured import block_shape, check_depth, check_width, width_after
 from .stages.quantize import check_shapes, select_linears, stage_widths
 
 log = logging.getLogger("compressor")
@@ -333,6 +333,7 @@ def _export_as_is(target: Any, name: str, work: Path, model: torch.nn.Module, to
 def _check_stages(recipe: Recipe, model: torch.nn.Module) -> None:
     """What each pruning stage can be checked for before calibration. Width pruning's new widths do not depend on
     the data, so a later quantize stage's group sizes are checked against them too."""
+    shape = block_shape(model)  # as the stages so far will leave the model
     widths: dict[str, int] = {}  # projection kind -> input width after the width stages so far
     ranks: dict[str, int] = {}  # "low_rank stage i" -> what every rank it computes is a multiple of
     for i, stage in enumerate(recipe.stages):
@@ -340,10 +341,10 @@ def _check_stages(recipe: Recipe, model: torch.nn.Module) -> None:
             section = f"stages[{i}].prune"
             check_prune_shapes(select_linears(model, stage.prune, section=section), stage.prune, section=section)
         elif isinstance(stage, PruneWidthStage):
-            check_width(model, stage.prune_width, section=f"stages[{i}].prune_width")
-            widths.update(width_after(model, stage.prune_width))
+            shape = check_width(model, stage.prune_width, section=f"stages[{i}].prune_width", shape=shape)
+            widths = width_after(shape)
         elif isinstance(stage, PruneDepthStage):
-            check_depth(model, stage.prune_depth, section=f"stages[{i}].prune_depth")
+            shape = check_depth(model, stage.prune_depth, section=f"stages[{i}].prune_depth", shape=shape)
         elif isinstance(stage, LowRankStage):
             cfg, section = stage.low_rank, f"stages[{i}].low_rank"
             targets = low_rank_targets(model, cfg, section=section)
@@ -654,6 +655,8 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
 
     from export.safetensors import read_quantization_config
 
+    from .low_rank import LOW_RANK_KEY
+
     path = Path(path)
     if (path / "report.json").is_file() and not (path / "config.json").is_file():
         return json.loads((path / "report.json").read_text())
@@ -670,6 +673,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     config = json.loads((path / "config.json").read_text())
     q = read_quantization_config(path)
     layers: dict[str, dict[str, Any]] = {}
+    sparse: dict[str, float] = {}  # dense weights with exact zeros (pruned): fraction of zeros
     total = 0
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
@@ -683,7 +687,12 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
                 total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}.get(
                     sl.get_dtype(), 4)
                 layers.setdefault(module, {})[kind] = {"shape": shape, "dtype": sl.get_dtype()}
+                if kind == "weight" and len(shape) == 2 and ".layers." in f".{key}":
+                    zeros = float((sf.get_tensor(key) == 0).float().mean())
+                    if zeros >= 0.01:  # a dense layer has ~no exact zeros; a pruned one has its sparsity
+                        sparse[module] = round(zeros, 4)
     quantized = sorted(m for m, t in layers.items() if "qweight" in t)
+    low_rank = config.get(LOW_RANK_KEY, {}).get("layers", {})
     return {
         "path": str(path), "format": _format_of(path), "model_type": config.get("model_type"),
         "architectures": config.get("architectures"), "num_hidden_layers": config.get("num_hidden_layers"),
@@ -691,4 +700,6 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         "quantized_layers": len(quantized), "tensors_bytes": total,
         "files_bytes": speed.directory_bytes(path),
         "layers": {m: layers[m] for m in quantized} if quantized else {},
+        "sparse_layers": sparse,
+        "low_rank_layers": low_rank,
     }

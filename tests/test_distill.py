@@ -121,4 +121,8 @@ def test_compress_run_prunes_then_distills(model_dir_factory, tmp_path):
     loaded, _ = load_checkpoint(out / "safetensors-dense")
     pruned = report["stages"][0]["layers"]
     assert all(sparsity_of(loaded.get_submodule(r["name"]).weight) >= r["sparsity"] - 1e-6 for r in pruned)
+    from compressor.run import inspect_artifact
+
+    shown = inspect_artifact(out / "safetensors-dense")["sparse_layers"]
+    assert set(shown) == {r["name"] for r in pruned} and all(v >= 0.49 for v in shown.values())
     assert "## Stage: distill" in (out / "report.md").read_text()

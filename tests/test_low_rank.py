@@ -275,6 +275,10 @@ def test_compress_run_low_rank_distill_quantize_and_every_export(model_dir_facto
     model, _ = load_checkpoint(out / "safetensors")
     layer = model.get_submodule("model.layers.0.mlp.up_proj")
     assert isinstance(layer, LowRankLinear) and isinstance(layer.first, QuantLinear) and layer.rank == 32
+    from compressor.run import inspect_artifact
+
+    assert len(inspect_artifact(out / "safetensors")["low_rank_layers"]) == 6
+    assert inspect_artifact(out / "merged")["low_rank_layers"] == {}
     merged_model, _ = load_checkpoint(out / "merged")
     assert not low_rank_layers(merged_model)
     x = torch.randint(0, 384, (2, 32))

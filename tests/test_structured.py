@@ -150,6 +150,13 @@ def test_bad_structured_options_fail_before_calibration(model_dir_factory, tmp_p
          RunError, "group_size 64: after width pruning the inputs of down_proj are 96 wide"),
         ([{"prune_depth": {"blocks": 3}}], ShapeError, r"stages\[0\].prune_depth.blocks 3"),
         ([{"prune_width": {"kv_groups": 1}}], RunError, r"export\[0\].gguf: .*attention heads were pruned"),
+        # chained stages are checked against what the earlier ones leave
+        ([{"prune_width": {"kv_groups": 1}}, {"prune_width": {"kv_groups": 1}}], ShapeError,
+         r"stages\[1\].prune_width.kv_groups 1: the model has 1 KV groups per block \(after the earlier stages\)"),
+        ([{"prune_depth": {"blocks": 1}}, {"prune_depth": {"blocks": 1}}], ShapeError,
+         r"stages\[1\].prune_depth.blocks 1: the model has 1 decoder blocks \(after the earlier stages\)"),
+        ([{"prune_width": {"mlp": 0.25, "alignment": 32}}, {"prune_width": {"mlp": 0.5, "alignment": 64}}],
+         ShapeError, r"stages\[1\].prune_width.alignment 64: the MLP width 96 cannot shrink"),
     ]
     for stages, error, message in cases:
         recipe = tiny_recipe(model_dir_factory("qwen2"), tmp_path / "run", export=[{"gguf": {"type": "f16"}}])

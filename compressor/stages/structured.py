@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,39 +28,63 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def check_width(model: nn.Module, cfg: PruneWidthConfig, section: str = "prune_width") -> None:
+@dataclass(frozen=True)
+class BlockShape:
+    """What the structured checks need of the model as earlier stages will have left it (checked before any stage
+    runs, so chained stages are judged on the shapes they will really see)."""
+
+    blocks: int
+    mlp_width: int | None  # down_proj inputs; None when the blocks have no Llama-style MLP
+    kv_heads: int | None
+    head_group_width: int | None  # o_proj inputs per KV group
+
+
+def block_shape(model: nn.Module) -> BlockShape:
+    layers = decoder_layers(model)
+    block = layers[0]
+    mlp, attn = getattr(block, "mlp", None), getattr(block, "self_attn", None)
+    has_mlp = mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in MLP)
+    has_attn = attn is not None and all(isinstance(getattr(attn, n, None), nn.Linear) for n in ATTENTION)
+    kv = _kv_heads(attn) if has_attn else None
+    return BlockShape(len(layers), mlp.down_proj.in_features if has_mlp else None, kv,
+                      attn.o_proj.in_features // kv if has_attn else None)
+
+
+def check_width(model: nn.Module, cfg: PruneWidthConfig, section: str = "prune_width",
+                shape: BlockShape | None = None) -> BlockShape:
     """Refuse, before any long work, a model whose blocks do not have the projections this stage shrinks, and
-    removals that would leave nothing."""
-    block = decoder_layers(model)[0]
-    parts = ([("mlp", MLP)] if cfg.mlp else []) + ([("self_attn", ATTENTION)] if cfg.kv_groups else [])
-    for part, names in parts:
-        module = getattr(block, part, None)
-        if module is None or not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+    removals that would leave nothing; returns the shape after the stage. `shape`: the model as earlier stages
+    leave it (default: as it is)."""
+    shape = shape or block_shape(model)
+    parts = ([("mlp", MLP, shape.mlp_width)] if cfg.mlp else []) + (
+        [("self_attn", ATTENTION, shape.kv_heads)] if cfg.kv_groups else [])
+    for part, names, present in parts:
+        if present is None:
             raise ShapeError(f"{section}: the decoder blocks of this {model.config.model_type} model have no "
                              f"{part} with linear {', '.join(names)}; supported: Llama-style blocks (Llama, Mistral, "
                              "Qwen2/3, Gemma 1-3)")
+    mlp_width, kv = shape.mlp_width, shape.kv_heads
     if cfg.mlp:
-        width = block.mlp.down_proj.in_features
-        if width < 2 * cfg.alignment:
-            raise ShapeError(f"{section}.alignment {cfg.alignment}: the MLP width {width} cannot shrink in steps of "
-                             f"{cfg.alignment} (choose an alignment of at most {width // 2})")
+        if mlp_width < 2 * cfg.alignment:
+            raise ShapeError(f"{section}.alignment {cfg.alignment}: the MLP width {mlp_width} cannot shrink in steps "
+                             f"of {cfg.alignment} (choose an alignment of at most {mlp_width // 2})")
+        mlp_width = aligned_keep(mlp_width, cfg.mlp, cfg.alignment)
     if cfg.kv_groups:
-        kv = _kv_heads(block.self_attn)
         if cfg.kv_groups >= kv:
-            raise ShapeError(f"{section}.kv_groups {cfg.kv_groups}: the model has {kv} KV groups per block; remove "
-                             f"at most {kv - 1}")
+            raise ShapeError(f"{section}.kv_groups {cfg.kv_groups}: the model has {kv} KV groups per block"
+                             f"{' (after the earlier stages)' if kv != block_shape(model).kv_heads else ''}; "
+                             f"remove at most {kv - 1}")
+        kv -= cfg.kv_groups
+    return BlockShape(shape.blocks, mlp_width, kv, shape.head_group_width)
 
 
-def width_after(model: nn.Module, cfg: PruneWidthConfig) -> dict[str, int]:
-    """The input widths of down_proj and o_proj once the stage has run (they do not depend on the data)."""
-    block = decoder_layers(model)[0]
+def width_after(shape: BlockShape) -> dict[str, int]:
+    """The input widths of down_proj and o_proj of a planned shape (what later quantization groups must fit)."""
     out = {}
-    if cfg.mlp:
-        out["down_proj"] = aligned_keep(block.mlp.down_proj.in_features, cfg.mlp, cfg.alignment)
-    if cfg.kv_groups:
-        attn = block.self_attn
-        kv = _kv_heads(attn)
-        out["o_proj"] = attn.o_proj.in_features // kv * (kv - cfg.kv_groups)
+    if shape.mlp_width is not None:
+        out["down_proj"] = shape.mlp_width
+    if shape.kv_heads is not None:
+        out["o_proj"] = shape.kv_heads * shape.head_group_width
     return out
 
 
@@ -170,10 +195,16 @@ def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
 
 
 # ----------------------------------------------------------------------------------------------- depth
-def check_depth(model: nn.Module, cfg: PruneDepthConfig, section: str = "prune_depth") -> None:
-    n = len(decoder_layers(model))
+def check_depth(model: nn.Module, cfg: PruneDepthConfig, section: str = "prune_depth",
+                shape: BlockShape | None = None) -> BlockShape:
+    """Refuse removing every block; returns the shape after the stage (`shape`: as earlier stages leave it)."""
+    shape = shape or block_shape(model)
+    n = shape.blocks
     if cfg.blocks >= n:
-        raise ShapeError(f"{section}.blocks {cfg.blocks}: the model has {n} decoder blocks; remove at most {n - 1}")
+        later = " (after the earlier stages)" if n != len(decoder_layers(model)) else ""
+        raise ShapeError(f"{section}.blocks {cfg.blocks}: the model has {n} decoder blocks{later}; remove at most "
+                         f"{n - 1}")
+    return BlockShape(n - cfg.blocks, shape.mlp_width, shape.kv_heads, shape.head_group_width)
 
 
 @torch.no_grad()
