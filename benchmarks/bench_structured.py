@@ -11,6 +11,7 @@ speedup is the ratio of weight bytes before and after; the table shows measured 
 
     python benchmarks/bench_structured.py [--windows 16] [--variants "MLP -25%,3 blocks"] [--no-speed]
                                           [--distill-minutes 20] [--distill-steps N]   # distillation budget
+    python benchmarks/bench_structured.py --distill-only --distill-minutes 20   # distill the latest run's models
 """
 from __future__ import annotations
 
@@ -64,13 +65,18 @@ def main() -> None:
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--speed-only", action="store_true", help="measure the files of the latest run in --out again "
                     "(e.g. on a quiet machine) and print the tables with its accuracy figures")
+    ap.add_argument("--distill-only", action="store_true", help="distill the pruned models of the latest run in --out "
+                    "(reloaded from its GGUF F16 files) and report how much of the perplexity gap that closes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # stage progress, on stderr
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.distill_only:
+        return _distill_only(args)
     if args.speed_only:
-        runs = sorted(args.out.glob("results-*.json"))
+        runs = [r for r in sorted(args.out.glob("results-*.json"))
+                if json.loads(r.read_text()).get("kind") != "distill-only"]
         if not runs:
-            sys.exit(f"--speed-only: no results-*.json in {args.out}; run without it first")
+            sys.exit(f"--speed-only: no results-*.json of a pruning run in {args.out}; run without it first")
         earlier = json.loads(runs[-1].read_text())
         metrics, info = earlier["metrics"], earlier["info"]
         files = {tuple(k.split(" | ")): Path(v) for k, v in earlier["files"].items()}
@@ -122,6 +128,54 @@ def main() -> None:
                  files={f"{n} | {f}": str(p) for (n, f), p in files.items()})
 
 
+def _distill_config(args) -> DistillConfig:
+    return DistillConfig(steps=args.distill_steps or 1_000_000, max_minutes=args.distill_minutes, lr=args.distill_lr,
+                         batch_size=8, seq_len=128, eval_every=25, holdout=16)
+
+
+def _distill_only(args) -> None:
+    """Distillation as its own measurement: the pruned models come back from the F16 GGUF files of the latest run
+    (float16-rounded; re-scored here, so the gap is measured on exactly the model that is distilled)."""
+    from compressor.models import load
+    from compressor.recipe import ModelConfig
+
+    runs = [r for r in sorted(args.out.glob("results-*.json"))
+            if json.loads(r.read_text()).get("kind") != "distill-only"]
+    if not runs:
+        sys.exit(f"--distill-only: no results-*.json of a pruning run in {args.out}; run without it first")
+    earlier = json.loads(runs[-1].read_text())
+    files = {tuple(k.split(" | ")): Path(v) for k, v in earlier["files"].items()}
+    proto = load_protocol(args.windows)
+    baseline, calib, windows = proto.baseline, proto.calibration, proto.windows
+    cfg = _distill_config(args)
+    pruned, distilled, info = {}, {}, {}
+    for (name, fmt), path in files.items():
+        if name == "unpruned" or fmt != "GGUF F16":
+            continue
+        pruned[name], _, _ = load(ModelConfig(id=str(path)))
+        student = copy.deepcopy(pruned[name])
+        report = apply_distill(cfg, student, StageContext(calibration=calib, teacher=baseline))
+        info[name + " + distill"] = {"seconds": round(report.seconds, 1), **report.summary}
+        print(f"{name} + distill: {info[name + ' + distill']}", file=sys.stderr)
+        distilled[name + " + distill"] = student
+    metrics = compare(TorchRuntime("torch float32", baseline),
+                      [TorchRuntime(n, m) for n, m in {**pruned, **distilled}.items()], windows)
+    base = metrics["torch float32"]["perplexity"]
+    lines = [f"Distillation: {cfg.max_minutes} min budget, lr {cfg.lr}, 8 x 128 tokens per step, teacher: unpruned",
+             "", "| model | ppl | KL | top-1 | steps | seconds | gap closed |", "|---|---|---|---|---|---|---|",
+             f"| unpruned | {base:.3f} | - | - | - | - | - |"]
+    for name in pruned:
+        d = name + " + distill"
+        gap = metrics[name]["perplexity"] - base
+        for row, extra in ((name, "| - | - | - |"), (d, f"| {info[d]['steps']} | {info[d]['seconds']} | "
+                                                       f"{1 - (metrics[d]['perplexity'] - base) / gap:.0%} |")):
+            m = metrics[row]
+            lines.append(f"| {row} | {m['perplexity']:.3f} | {m['kl_divergence']:.4f} | {m['top1_agreement']:.3f} "
+                         + extra)
+    save_results(args.out, "\n".join(lines), windows=int(windows.shape[0]), metrics=metrics, info=info,
+                 files=earlier["files"], kind="distill-only")
+
+
 def _prune_and_export(args) -> tuple[dict, dict, dict[tuple[str, str], Path], int]:
     proto = load_protocol(args.windows)
     baseline, tok, source_gguf, calib, windows = (proto.baseline, proto.tokenizer, proto.source_gguf,
@@ -142,8 +196,7 @@ def _prune_and_export(args) -> tuple[dict, dict, dict[tuple[str, str], Path], in
 
     distilled: dict[str, torch.nn.Module] = {}
     if args.distill_steps or args.distill_minutes:
-        cfg = DistillConfig(steps=args.distill_steps or 1_000_000, max_minutes=args.distill_minutes,
-                            lr=args.distill_lr, batch_size=8, seq_len=128, eval_every=25, holdout=16)
+        cfg = _distill_config(args)
         for name in list(models)[1:]:
             student = copy.deepcopy(models[name])
             start = time.perf_counter()

@@ -78,6 +78,7 @@ def test_time_budget_stops_training_and_long_windows_are_cut_into_pieces():
     assert time.perf_counter() - start < 30
     s = report.summary
     assert s["train_windows"] == 26
+    assert s["warmup_steps"] == 25  # not 5% of 10 000 steps: the budget ends the run long before those
     assert 0 < s["steps"] < 10_000
     assert report.layers[-1]["step"] == s["steps"]  # the step that ran out of time was evaluated
 

@@ -21,6 +21,7 @@ from .base import StageContext, StageReport
 
 log = logging.getLogger(__name__)
 
+WARMUP_CAP = 25  # warmup steps at most: 5% of the steps, but short enough to finish within any time budget
 SPARSE_ENOUGH = 0.01  # weights with at least this fraction of exact zeros keep them (a dense layer has ~none)
 
 
@@ -45,7 +46,7 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
     params = _trainable(model, cfg)
     masks = {p: p == 0 for p in params if p.dim() == 2 and float((p == 0).float().mean()) >= SPARSE_ENOUGH}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.steps // 20)
+    warmup = max(1, min(cfg.steps, WARMUP_CAP * 20) // 20)  # a time budget may stop long before cfg.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     teacher.eval()
     device = ctx.device
@@ -111,7 +112,7 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
                 break
     _restore(params, best_state)
     model.eval()
-    summary = {"steps": step, "train_windows": len(train), "best_step": best_step, "holdout_kl_before": round(first, 6),
+    summary = {"steps": step, "warmup_steps": warmup, "train_windows": len(train), "best_step": best_step, "holdout_kl_before": round(first, 6),
                "holdout_kl_after": round(best, 6), "recovered": round(1 - best / first, 4) if first > 0 else None,
                "trainable_weights": sum(p.numel() for p in params), "sparse_tensors_kept": len(masks)}
     if not math.isfinite(best):
