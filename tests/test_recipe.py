@@ -54,7 +54,7 @@ def test_cross_field_checks_for_exports():
 
 
 def test_unknown_stage_kind_lists_kinds():
-    assert "allowed: ['prune', 'prune_width', 'prune_depth', 'distill', 'quantize']" in _error(
+    assert "allowed: ['prune', 'prune_width', 'prune_depth', 'low_rank', 'distill', 'quantize']" in _error(
         {"model": "x", "stages": [{"sparsify": {}}]})
 
 
