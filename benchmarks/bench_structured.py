@@ -150,7 +150,7 @@ def _distill_only(args) -> None:
     cfg = _distill_config(args)
     pruned, distilled, info = {}, {}, {}
     for (name, fmt), path in files.items():
-        if name == "unpruned" or fmt != "GGUF F16":
+        if name == "unpruned" or fmt != "GGUF F16" or name not in args.variants.split(","):
             continue
         pruned[name], _, _ = load(ModelConfig(id=str(path)))
         student = copy.deepcopy(pruned[name])
