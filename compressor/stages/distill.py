@@ -112,7 +112,8 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
                 break
     _restore(params, best_state)
     model.eval()
-    summary = {"steps": step, "warmup_steps": warmup, "train_windows": len(train), "best_step": best_step, "holdout_kl_before": round(first, 6),
+    summary = {"steps": step, "warmup_steps": warmup, "train_windows": len(train), "best_step": best_step,
+               "holdout_kl_before": round(first, 6),
                "holdout_kl_after": round(best, 6), "recovered": round(1 - best / first, 4) if first > 0 else None,
                "trainable_weights": sum(p.numel() for p in params), "sparse_tensors_kept": len(masks)}
     if not math.isfinite(best):
