@@ -80,11 +80,8 @@ def dense_linear(layer: LowRankLinear, dtype: torch.dtype = torch.float32) -> nn
 
 def merge(model: nn.Module) -> list[str]:
     """Replace every LowRankLinear of `model` by the dense nn.Linear it computes; returns the merged names."""
-    from .stages.base import set_submodule
-
     layers = low_rank_layers(model)
-    for name, layer in layers.items():
-        set_submodule(model, name, dense_linear(layer))
+    _replace_with_dense(model, layers)
     return list(layers)
 
 
@@ -96,12 +93,18 @@ def merged(model: nn.Module) -> Iterator[list[str]]:
 
     layers = low_rank_layers(model)
     try:
-        for name, layer in layers.items():
-            set_submodule(model, name, dense_linear(layer))
+        _replace_with_dense(model, layers)  # a failure half-way still restores every layer below
         yield list(layers)
     finally:
         for name, layer in layers.items():
             set_submodule(model, name, layer)
+
+
+def _replace_with_dense(model: nn.Module, layers: dict[str, LowRankLinear]) -> None:
+    from .stages.base import set_submodule
+
+    for name, layer in layers.items():
+        set_submodule(model, name, dense_linear(layer))
 
 
 def ranks_config(model: nn.Module) -> dict[str, Any] | None:
