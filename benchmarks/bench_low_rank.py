@@ -12,7 +12,7 @@ the baseline for `--distill-minutes`, quantizes it with GPTQ (W4 g32, symmetric,
 the baseline quantized the same way and exported the same way is the comparison. Perplexity, KL and top-1 of both
 are measured in onnxruntime on the same windows, and decode ms/token in a fresh onnxruntime process each.
 
-    python benchmarks/bench_low_rank.py [--ratio 0.2] [--windows 16] [--only "SVD,activation-aware"]
+    python benchmarks/bench_low_rank.py [--ratio 0.2 | --ratio mlp=0.1] [--windows 16] [--only "SVD,activation-aware"]
                                         [--pipeline [--distill-minutes 20]]
 """
 from __future__ import annotations
@@ -45,21 +45,34 @@ GPTQ = QuantizeConfig(method="gptq", bits=4, group_size=32, symmetric=True, act_
 ACTIVATION_AWARE = "activation-aware"
 
 
-def variants(ratio: float) -> dict[str, LowRankConfig]:
-    return {
-        "SVD": LowRankConfig(method="svd", ratio=ratio),
-        "SVD + refit": LowRankConfig(method="svd", ratio=ratio, update=True),
-        ACTIVATION_AWARE: LowRankConfig(method="activation_aware", ratio=ratio),
-        "activation-aware, sensitivity": LowRankConfig(method="activation_aware", ratio=ratio,
-                                                       allocation="sensitivity"),
+def parse_ratio(text: str) -> float | dict[str, float]:
+    """`0.2` (every linear) or `mlp=0.1,self_attn=0.2` ({regex on the layer name: ratio}; others stay dense)."""
+    if "=" not in text:
+        return float(text)
+    return {k.strip(): float(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+
+
+def variants(ratio: float | dict[str, float]) -> dict[str, LowRankConfig]:
+    scope: dict = {"ratio": ratio}
+    if isinstance(ratio, dict) and len(set(ratio.values())) == 1:  # one ratio for some kinds: a sensitivity budget too
+        scope = {"ratio": next(iter(ratio.values())), "include": tuple(ratio)}
+    chosen = {
+        "SVD": LowRankConfig(method="svd", **scope),
+        "SVD + refit": LowRankConfig(method="svd", update=True, **scope),
+        ACTIVATION_AWARE: LowRankConfig(method="activation_aware", **scope),
     }
+    if isinstance(scope["ratio"], float):
+        chosen["activation-aware, sensitivity"] = LowRankConfig(method="activation_aware", allocation="sensitivity",
+                                                                **scope)
+    return chosen
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "low_rank")
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--ratio", type=float, default=0.2, help="fraction of the factorized layers' parameters removed")
+    ap.add_argument("--ratio", type=parse_ratio, default=0.2, help="fraction of the factorized layers' parameters "
+                    "removed: 0.2 for every linear of the blocks, or per kind, e.g. mlp=0.1 (other layers stay dense)")
     ap.add_argument("--only", default="", help="comma-separated variant names")
     ap.add_argument("--pipeline", action="store_true", help="also low-rank + distill + GPTQ W4 -> ONNX int4 against "
                     "GPTQ W4 -> ONNX int4")
@@ -96,7 +109,8 @@ def main() -> None:
     metrics = compare(TorchRuntime("torch float32", baseline), [TorchRuntime(n, m) for n, m in models.items()],
                       windows)
     base = metrics["torch float32"]["perplexity"]
-    lines = [f"Factorized: every linear of the decoder blocks, ratio {args.ratio}", "",
+    scope = "every linear of the decoder blocks" if isinstance(args.ratio, float) else "the linears matching"
+    lines = [f"Factorized: {scope}, ratio {args.ratio}", "",
              "| variant | params removed | layers factorized / dense | ppl | vs fp32 | KL | top-1 | stage s |",
              "|---|---|---|---|---|---|---|---|", f"| torch float32 baseline | 0 | - | {base:.3f} | - | - | - | - |"]
     for name in models:
@@ -140,7 +154,9 @@ def _pipeline(args, baseline, tokenizer, factorized, ctx, windows, record: dict)
                   files={n: str(p) for n, p in files.items()})
     base = ort["torch float32"]["perplexity"]
     d = record["distill"]
-    lines = [f"Pipeline: activation-aware low-rank ({args.ratio:.0%} of the linear parameters) -> distill "
+    removed = record["info"][ACTIVATION_AWARE]["removed"]
+    lines = [f"Pipeline: activation-aware low-rank (ratio {args.ratio}, {removed:.1%} of the factorized parameters) "
+             f"-> distill "
              f"({d['steps']} steps, {d['seconds']:.0f} s, held-out KL {d['holdout_kl_before']:.4f} -> "
              f"{d['holdout_kl_after']:.4f}; float ppl {torch_metrics['low-rank + distill (float)']['perplexity']:.3f})"
              " -> GPTQ W4 g32 -> ONNX int4, against GPTQ W4 g32 -> ONNX int4", "",

@@ -328,6 +328,12 @@ class DistillConfig(_Strict):
     train: Literal["blocks", "all"] = Field("blocks", description="blocks: the decoder blocks learn, the embedding "
                                                                   "and head stay; all: everything float learns")
     teacher_stage: int = Field(0, ge=0, description="the model before stages[N] teaches (0: the original model)")
+    teacher: Literal["live", "precomputed"] = Field(
+        "live", description="live: the teacher runs beside the student at every step; precomputed: its top_k "
+                            "log-probabilities for every window are computed once before training, its blocks moved "
+                            "to the device one at a time, so the teacher need not fit beside the student")
+    top_k: int = Field(64, ge=1, description="teacher: precomputed keeps this many most likely tokens per position "
+                                             "(the rest share one bucket)")
     data: CalibrationConfig | None = Field(None, description="training text (windows sampled as for calibration); "
                                                              "default: the recipe's calibration windows")
     holdout: int = Field(8, ge=1, description="windows kept out of training to decide early stopping")

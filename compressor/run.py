@@ -161,6 +161,19 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     return result
 
 
+def _teacher_copy(model: torch.nn.Module, stage: int, recipe: Recipe, device: str) -> torch.nn.Module:
+    """A copy of the model before `stage`, kept on the CPU when every distill stage it teaches precomputes its
+    targets (its blocks then visit the device one at a time), so the device never holds it beside the student."""
+    users = [s.distill for s in recipe.stages if isinstance(s, DistillStage) and s.distill.teacher_stage == stage]
+    if device == "cpu" or any(d.teacher == "live" for d in users):
+        return copy.deepcopy(model)
+    model.to("cpu")  # copy from the CPU: the device never holds two models at once
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.to(device)
+
+
 def _device(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise RunError("device: cuda requested but no CUDA GPU is visible to torch; use device: auto or cpu")
@@ -220,7 +233,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
     stage_reports = []
     for i, stage in enumerate(recipe.stages):
         if i in teachers_needed:  # the model before this stage teaches a later distill stage
-            teachers[i] = baseline if i == 0 and baseline is not None else copy.deepcopy(model)
+            teachers[i] = baseline if i == 0 and baseline is not None else _teacher_copy(model, i, recipe, device)
         kind = type(stage).__name__.removesuffix("Stage").lower()
         stage_ctx = ctx
         if isinstance(stage, DistillStage):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from compressor.algorithms.distillation import hidden_mse, logit_kl
+from compressor.algorithms.distillation import hidden_mse, logit_kl, teacher_top_k, top_k_kl
 from compressor.algorithms.sparsity import sparsity_of
 from compressor.recipe import DistillConfig, PruneConfig, Recipe, RecipeError
 from compressor.stages.base import StageContext
@@ -31,6 +31,45 @@ def test_logit_kl_is_the_token_mean_of_kl_and_scales_with_temperature():
     soft = (torch.softmax(t / 2, -1) * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum(-1).mean()
     assert float(logit_kl(s, t, temperature=2.0)) == pytest.approx(4 * float(soft), rel=1e-5)
     assert float(hidden_mse(2 * t, t)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_top_k_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_below_it():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 4, 50, generator=g), 3 * torch.randn(3, 4, 50, generator=g)
+    for temperature in (1.0, 2.0):
+        full = logit_kl(s, t, temperature)
+        assert float(top_k_kl(s, *teacher_top_k(t, 50, temperature), temperature)) == pytest.approx(float(full),
+                                                                                                   rel=1e-5)
+        prev = 0.0
+        for k in (1, 5, 20, 49):  # merging tokens can only lose divergence; keeping more tokens loses less
+            part = float(top_k_kl(s, *teacher_top_k(t, k, temperature), temperature))
+            assert prev - 1e-6 <= part <= float(full) + 1e-6
+            prev = part
+    s.requires_grad_(True)
+    top_k_kl(s, *teacher_top_k(t, 50)).backward()  # nothing outside the kept tokens: gradients stay finite
+    assert torch.isfinite(s.grad).all()
+    top, ids, rest = teacher_top_k(t, 5)
+    assert top.shape == ids.shape == (3, 4, 5) and rest.shape == (3, 4)
+    assert torch.allclose(torch.logsumexp(torch.cat([top, rest[..., None]], -1), -1), torch.zeros(3, 4), atol=1e-5)
+    assert float(top_k_kl(t, top, ids, rest)) == pytest.approx(0, abs=1e-5)
+
+
+def test_precomputed_teacher_trains_like_the_live_one():
+    """With top_k covering the vocabulary the precomputed targets are the live teacher's distribution, so the two
+    modes follow the same trajectory; with the default top_k the student still learns."""
+    teacher, student = _pruned_pair()
+    vocab = teacher.config.vocab_size
+    reports = {}
+    for name, extra in {"live": {}, "full": {"teacher": "precomputed", "top_k": vocab},
+                        "top64": {"teacher": "precomputed"}}.items():
+        s = copy.deepcopy(student)
+        cfg = DistillConfig(steps=20, lr=2e-3, batch_size=4, eval_every=10, holdout=4, hidden_weight=0.5, **extra)
+        reports[name] = apply_distill(cfg, s, StageContext(calibration=_windows(1, 36), teacher=teacher)).summary
+    live, full, top64 = reports["live"], reports["full"], reports["top64"]
+    assert full["teacher"] == "precomputed" and live["teacher"] == "live"
+    assert full["holdout_kl_before"] == pytest.approx(live["holdout_kl_before"], rel=1e-4)
+    assert full["holdout_kl_after"] == pytest.approx(live["holdout_kl_after"], rel=2e-2)
+    assert top64["holdout_kl_after"] < 0.9 * top64["holdout_kl_before"]
 
 
 def _pruned_pair(method: str = "magnitude"):
@@ -127,3 +166,21 @@ def test_compress_run_prunes_then_distills(model_dir_factory, tmp_path):
     shown = inspect_artifact(out / "safetensors-dense")["sparse_layers"]
     assert set(shown) == {r["name"] for r in pruned} and all(v >= 0.49 for v in shown.values())
     assert "## Stage: distill" in (out / "report.md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: streaming moves blocks between devices")
+def test_a_teacher_on_the_cpu_streams_its_blocks_through_the_gpu():
+    from compressor.offload import streamed
+
+    teacher = tiny_model("llama")
+    ids = _windows(2, 2)
+    expected = teacher(input_ids=ids).logits
+    seen = []
+    hook = teacher.model.layers[1].register_forward_hook(
+        lambda m, a, o: seen.append({p.device.type for p in teacher.model.layers.parameters()}))
+    with streamed(teacher, "cuda"):
+        got = teacher(input_ids=ids.cuda()).logits
+    hook.remove()
+    assert seen == [{"cpu", "cuda"}]  # while block 1 runs, the other blocks stay on the CPU
+    assert {p.device.type for p in teacher.parameters()} == {"cpu"}
+    assert torch.allclose(got.cpu(), expected, atol=1e-4)

@@ -138,8 +138,9 @@ def test_each_group_is_calibrated_on_the_inputs_left_by_earlier_changes(family):
     rec = Scale()
     run_layerwise(model, ids, rec, batch_size=2)
     real = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: real.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
-             for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in rec.seen]
+    hooks = [m.register_forward_pre_hook(
+        lambda m, a, n=n: real.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in rec.seen]
     with torch.no_grad():
         for batch in ids.split(2):
             model(batch)

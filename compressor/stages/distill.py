@@ -4,6 +4,10 @@ before a given stage (teacher), on calibration or training text.
 Weights that are exactly zero when training starts (pruned) are kept at zero after every step, so the sparsity a
 pruning stage made survives. A few windows are held out; training stops when their KL has not improved for
 `patience` evaluations, and the best weights seen are kept.
+
+With `teacher: precomputed` the teacher runs once, before training, over every window (its blocks streamed to the
+device one at a time when it lives elsewhere), and its top-k log-probabilities are the targets: the teacher need not
+sit in device memory beside the student and its optimizer, and no window costs a teacher forward twice.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import time
 import torch
 from torch import nn
 
-from ..algorithms.distillation import hidden_mse, logit_kl
+from ..algorithms.distillation import hidden_mse, logit_kl, teacher_top_k, top_k_kl
 from ..models import decoder_layers
+from ..offload import streamed
 from ..recipe import DistillConfig
 from .base import StageContext, StageReport
 
@@ -50,15 +55,40 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     teacher.eval()
     device = ctx.device
+    hidden = cfg.hidden_weight > 0
+    held_targets = train_targets = None
+    if cfg.teacher == "precomputed":
+        held_targets = _top_k_targets(teacher, held, cfg, device, temperature=1.0, hidden=False)
+        train_targets = _top_k_targets(teacher, train, cfg, device, cfg.temperature, hidden)
 
     def held_kl() -> float:
         total = 0.0
         with torch.no_grad():
-            for batch in held.split(cfg.batch_size):
-                batch = batch.to(device)
-                total += float(logit_kl(model(input_ids=batch, use_cache=False).logits,
-                                        teacher(input_ids=batch, use_cache=False).logits)) * len(batch)
+            for rows in torch.arange(len(held)).split(cfg.batch_size):
+                batch = held[rows].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                if held_targets is None:
+                    kl = logit_kl(logits, teacher(input_ids=batch, use_cache=False).logits)
+                else:
+                    kl = top_k_kl(logits, *_rows(held_targets, rows, device)[:3])
+                total += float(kl) * len(batch)
         return total / len(held)
+
+    def train_loss(rows: torch.Tensor) -> torch.Tensor:
+        batch = train[rows].to(device)
+        s_out = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+        if train_targets is None:
+            with torch.no_grad():
+                t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+            loss = logit_kl(s_out.logits, t_out.logits, cfg.temperature)
+            t_hidden = t_out.hidden_states[-1] if hidden else None
+        else:
+            top, ids, rest, *t_hidden_ = _rows(train_targets, rows, device)
+            loss = top_k_kl(s_out.logits, top, ids, rest, cfg.temperature)
+            t_hidden = t_hidden_[0] if hidden else None
+        if hidden:
+            loss = loss + cfg.hidden_weight * hidden_mse(s_out.hidden_states[-1], t_hidden)
+        return loss
 
     model.eval()
     first = best = held_kl()
@@ -69,15 +99,7 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
     running, seen, step = 0.0, 0, 0
     for step in range(1, cfg.steps + 1):
         model.train()
-        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
-        batch = train[idx].to(device)
-        with torch.no_grad():
-            t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
-        s_out = model(input_ids=batch, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
-        loss = logit_kl(s_out.logits, t_out.logits, cfg.temperature)
-        if cfg.hidden_weight > 0:
-            loss = loss + cfg.hidden_weight * hidden_mse(s_out.hidden_states[-1], t_out.hidden_states[-1])
-        del t_out, s_out
+        loss = train_loss(torch.randint(0, len(train), (cfg.batch_size,), generator=gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -112,13 +134,39 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
                 break
     _restore(params, best_state)
     model.eval()
-    summary = {"steps": step, "warmup_steps": warmup, "train_windows": len(train), "best_step": best_step,
-               "holdout_kl_before": round(first, 6),
+    summary = {"steps": step, "teacher": cfg.teacher, "warmup_steps": warmup, "train_windows": len(train),
+               "best_step": best_step, "holdout_kl_before": round(first, 6),
                "holdout_kl_after": round(best, 6), "recovered": round(1 - best / first, 4) if first > 0 else None,
                "trainable_weights": sum(p.numel() for p in params), "sparse_tensors_kept": len(masks)}
     if not math.isfinite(best):
         raise ValueError("distill: the held-out KL is not finite; lower distill.lr")
     return StageReport("distill", seconds=time.perf_counter() - start, summary=summary, layers=rows)
+
+
+def _top_k_targets(teacher: nn.Module, windows: torch.Tensor, cfg: DistillConfig, device: str, temperature: float,
+                   hidden: bool) -> list[torch.Tensor]:
+    """[top log-probabilities, their token ids, log of the rest's probability(, final hidden state)] for each window,
+    kept on the CPU (ids as int32, hidden states as float16, to bound memory)."""
+    start = time.perf_counter()
+    parts: list[list[torch.Tensor]] = [[], [], []] + ([[]] if hidden else [])
+    batches = windows.split(cfg.batch_size)
+    with torch.no_grad(), streamed(teacher, device):
+        for i, batch in enumerate(batches, 1):
+            out = teacher(input_ids=batch.to(device), use_cache=False, output_hidden_states=hidden)
+            top, ids, rest = teacher_top_k(out.logits, cfg.top_k, temperature)
+            found = [top, ids.to(torch.int32), rest] + ([out.hidden_states[-1].half()] if hidden else [])
+            for part, t in zip(parts, found):
+                part.append(t.cpu())
+            if i % 10 == 0 or i == len(batches):
+                elapsed = time.perf_counter() - start
+                log.info("distill: teacher targets, batch %d/%d, elapsed %.0fs, ETA %.0fs", i, len(batches), elapsed,
+                         elapsed / i * (len(batches) - i))
+    return [torch.cat(p) for p in parts]
+
+
+def _rows(targets: list[torch.Tensor], rows: torch.Tensor, device: str) -> list[torch.Tensor]:
+    top, ids, rest, *hidden = (t[rows].to(device) for t in targets)
+    return [top, ids.long(), rest] + [h.float() for h in hidden]
 
 
 def _trainable(model: nn.Module, cfg: DistillConfig) -> list[nn.Parameter]:
