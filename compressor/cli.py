@@ -99,6 +99,63 @@ def run(recipe: Path, output: str | None, overwrite: bool, quiet: bool, verbose:
         _fail("budget exceeded: " + "; ".join(result.failures), EXIT_BUDGET)
 
 
+@main.command()
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace variant folders that hold a run of another recipe (finished "
+              "runs of the same recipe are always kept and not run again).")
+@click.option("--dry-run", is_flag=True, help="Validate every variant and list them; run nothing.")
+@common
+def sweep(sweep_file: Path, overwrite: bool, dry_run: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Run every variant of SWEEP (a base recipe plus a grid and/or list of overrides), sharing the work they have
+    in common, then audit them side by side. Exits 3 when gates are set and no variant meets them."""
+    from .sweep import SweepError, finished, load_sweep, run_sweep
+
+    _setup_logging(quiet, verbose)
+    try:
+        s = load_sweep(sweep_file)
+    except SweepError as e:
+        _fail(str(e))
+    if dry_run:
+        listed = [{"name": v.name, "overrides": v.overrides, "output": v.recipe.output, "finished": finished(v)}
+                  for v in s.variants]
+        if as_json:
+            click.echo(json.dumps(listed, indent=2))
+        elif not quiet:
+            for row in listed:
+                click.echo(f"{row['name']}: {row['overrides']} -> {row['output']}"
+                           + (" (finished)" if row["finished"] else ""))
+        return
+    from .audit import AuditError
+    from .data import DataError
+    from .models import ModelError
+    from .run import RunError
+
+    _terminate_as_interrupt()
+    try:
+        record = run_sweep(s, overwrite=overwrite)
+    except (SweepError, RunError, ModelError, DataError, AuditError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished variants are kept and a second `compress sweep` resumes after them", 130)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+    elif not quiet:
+        for row in record["variants"]:
+            click.echo(f"{row['name']}: {row['status']}" + (f" ({row['seconds']} s)" if "seconds" in row else "")
+                       + (f": {row['error']}" if "error" in row else ""))
+        click.echo(f"\nsweep: {record['seconds']} s; shared work: {record['shared']}; folder: {record['output']} "
+                   "(sweep.json, audit.md, audit.html)")
+        best = (record.get("audit") or {}).get("best")
+        if record["gates"]:
+            click.echo(f"best variant meeting the gates: {best['run']} / {best['artifact']}" if best else
+                       "no variant meets the gates")
+    failed = [r["name"] for r in record["variants"] if r["status"] == "failed"]
+    if failed:
+        _fail(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see sweep.json)", 1)
+    if record["gates"] and not (record.get("audit") or {}).get("passed"):
+        _fail(f"no variant meets the gates {record['gates']}", EXIT_BUDGET)
+
+
 def _print_report(report: dict, as_json: bool, quiet: bool, where: str | None) -> None:
     from .report import text_table
 
@@ -221,6 +278,76 @@ def inspect(path: Path, as_json: bool) -> None:
         click.echo(f"  {name}: " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in tensors.items()))
     if len(info["layers"]) > 10:
         click.echo(f"  ... {len(info['layers']) - 10} more quantized layers")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", default="audit", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for audit.json, audit.md and audit.html (created; those three files are replaced).")
+@click.option("--gate", "gate_args", multiple=True, metavar="NAME=VALUE",
+              help="A gate every row is checked against; repeat for several (e.g. --gate max_kl=0.2 "
+                   "--gate min_speedup=1.5).")
+@click.option("--gates", "gates_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A YAML or JSON file mapping gate names to values; --gate options override it.")
+@click.option("--allow-mixed", is_flag=True, help="Audit runs measured against different baselines (model or "
+                                                  "evaluation windows) together instead of refusing.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print audit.json's content on stdout.")
+def audit(run_dirs: tuple[Path, ...], output: Path, gate_args: tuple[str, ...], gates_file: Path | None,
+          allow_mixed: bool, quiet: bool, as_json: bool) -> None:
+    """Compare finished runs: one row per (run, artifact), Pareto fronts, plots and gates.
+
+    RUN_DIRS are folders written by `compress run`. Writes audit.json, audit.md and a self-contained audit.html
+    (tables and plots: size vs perplexity, decode latency vs perplexity, KL vs bits per weight) into --output.
+
+    \b
+    Gates (a row missing the number a gate needs fails it):
+      max_perplexity_increase  relative to the run's own baseline, 0.15 = +15%
+      max_kl                   KL divergence from the baseline, nats per token
+      min_speedup              decode speedup over the baseline
+      max_size_mb              artifact size on disk, MB (10^6 bytes)
+
+    With gates, the best row meeting all of them (lowest perplexity, then smallest size) is named, and the exit
+    code is 3 when no row meets them. Exit code 2: bad input (not a run folder, different baselines, unknown gate).
+    """
+    import yaml
+
+    from .audit import AuditError, audit as run_audit, summary_lines, text_table
+
+    gates: dict = {}
+    if gates_file is not None:
+        try:
+            loaded = yaml.safe_load(gates_file.read_text())  # YAML is a superset of JSON: one reader for both
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            _fail(f"{gates_file}: unreadable gates file: {e}")
+        if not isinstance(loaded, dict):
+            _fail(f"{gates_file}: expected a mapping of gate names to values, e.g. 'max_kl: 0.2'")
+        gates.update(loaded)
+    for arg in gate_args:
+        name, sep, value = arg.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            _fail(f"--gate {arg!r}: expected NAME=VALUE, e.g. --gate max_kl=0.2")
+        gates[name.strip()] = value.strip()
+    try:
+        result = run_audit(list(run_dirs), output, gates, allow_mixed=allow_mixed)
+    except AuditError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    elif not quiet:
+        click.echo(text_table(result))
+        click.echo("")
+        for line in summary_lines(result):
+            click.echo(line)
+        for plot in result["plots"]:
+            if plot["skipped"]:
+                click.echo(f"plot '{plot['title']}' skipped: {plot['skipped']}")
+        for note in result["notes"]:
+            click.echo(f"note: {note}")
+        click.echo(f"\naudit written to {output}/ (audit.html, audit.md, audit.json)")
+    if result["gates"] and not result["passed"]:
+        _fail(f"no row meets the gates ({len(result['rows'])} row(s) checked; see each row's gate failures)",
+              EXIT_BUDGET)
 
 
 if __name__ == "__main__":

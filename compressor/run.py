@@ -141,8 +141,40 @@ def _preflight_gguf(recipe: Recipe) -> None:
                         "dequantized weights", i, cfg.type)
 
 
-def run(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
-    """Run a recipe end to end; the run folder appears at `recipe.output` only when everything is written."""
+@dataclass
+class SharedWork:
+    """What several runs (a sweep's variants) can share, computed by the first run that needs it: the loaded model,
+    calibration and evaluation windows, the model after an identical list of stages (with the statistics its exports
+    computed), and the baseline's speed. Values are handed out as copies where a run would change them."""
+
+    values: dict[tuple[str, str], Any] = field(default_factory=dict)
+    made: dict[str, int] = field(default_factory=dict)
+    reused: dict[str, int] = field(default_factory=dict)
+
+    def once(self, kind: str, key: Any, make: Any, copied: bool = False) -> Any:
+        k = (kind, json.dumps(key, sort_keys=True, default=str))
+        if k in self.values:
+            self.reused[kind] = self.reused.get(kind, 0) + 1
+            log.info("%s: reused from an earlier variant", kind)
+        else:
+            self.values[k] = make()
+            self.made[kind] = self.made.get(kind, 0) + 1
+        return copy.deepcopy(self.values[k]) if copied else self.values[k]
+
+    def has(self, kind: str, key: Any) -> bool:
+        return (kind, json.dumps(key, sort_keys=True, default=str)) in self.values
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {kind: {"computed": n, "reused": self.reused.get(kind, 0)} for kind, n in self.made.items()}
+
+
+def _once(shared: SharedWork | None, kind: str, key: Any, make: Any, copied: bool = False) -> Any:
+    return make() if shared is None else shared.once(kind, key, make, copied)
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = None) -> RunResult:
+    """Run a recipe end to end; the run folder appears at `recipe.output` only when everything is written. With
+    `shared`, work another run already did with the same inputs is reused (see SharedWork)."""
     out = preflight(recipe, overwrite)
     device = _device(recipe.device)
     torch.manual_seed(recipe.seed)
@@ -152,13 +184,31 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        result = _run_in(recipe, work, device, timings)
+        result = _run_in(recipe, work, device, timings, shared)
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     result.output = out
     return result
+
+
+def _apply_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, baseline: torch.nn.Module | None,
+                  distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings) -> list[dict[str, Any]]:
+    teachers_needed = {s.distill.teacher_stage for s in recipe.stages if isinstance(s, DistillStage)}
+    teachers: dict[int, torch.nn.Module] = {}
+    stage_reports = []
+    for i, stage in enumerate(recipe.stages):
+        if i in teachers_needed:  # the model before this stage teaches a later distill stage
+            teachers[i] = baseline if i == 0 and baseline is not None else _teacher_copy(model, i, recipe, device)
+        kind = type(stage).__name__.removesuffix("Stage").lower()
+        stage_ctx = ctx
+        if isinstance(stage, DistillStage):
+            stage_ctx = dataclasses.replace(ctx, teacher=teachers[stage.distill.teacher_stage],
+                                            distill_windows=distill_windows.get(i))
+        with timings.phase(f"stage {i + 1}/{len(recipe.stages)}: {kind}"):
+            stage_reports.append(apply_stage(stage, model, stage_ctx).to_dict())
+    return stage_reports
 
 
 def _teacher_copy(model: torch.nn.Module, stage: int, recipe: Recipe, device: str) -> torch.nn.Module:
@@ -182,9 +232,13 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunResult:
+def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: SharedWork | None = None
+            ) -> RunResult:
+    model_key = [recipe.model.model_dump(mode="json"), device]
     with timings.phase("load model"):
-        model, tokenizer, source = models.load(recipe.model, device=device)
+        loaded, tokenizer, source = _once(shared, "model", model_key, lambda: models.load(recipe.model, device=device))
+        # the stages change the model in place; a shared one stays as loaded (and serves as the baseline)
+        model = copy.deepcopy(loaded) if shared is not None else loaded
     params = models.parameter_count(model)
     log.info("model: %s (%s, %.1fM parameters)", recipe.model.id, model.config.model_type, params / 1e6)
 
@@ -220,31 +274,29 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
                 return data.generated_windows(model, tokenizer, cfg, device)
             return data.calibration_windows(tokenizer, cfg)
 
-        calib = sample(recipe.calibration) if recipe.calibration else None
-        windows = data.evaluation_windows(tokenizer, recipe.evaluate.data) if recipe.evaluate else None
-        distill_windows = {i: sample(s.distill.data) for i, s in enumerate(recipe.stages)
+        def windows_for(cfg):
+            return _once(shared, "calibration windows", [model_key, cfg.model_dump(mode="json")],
+                         lambda: sample(cfg))
+
+        calib = windows_for(recipe.calibration) if recipe.calibration else None
+        windows = _once(shared, "evaluation windows", [model_key, recipe.evaluate.data.model_dump(mode="json")],
+                        lambda: data.evaluation_windows(tokenizer, recipe.evaluate.data)) if recipe.evaluate else None
+        distill_windows = {i: windows_for(s.distill.data) for i, s in enumerate(recipe.stages)
                            if isinstance(s, DistillStage) and s.distill.data is not None}
-    baseline = copy.deepcopy(model) if recipe.evaluate else None
+    baseline = (loaded if shared is not None else copy.deepcopy(model)) if recipe.evaluate else None
 
     ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size if recipe.calibration else 8,
                        device=device)
-    teachers_needed = {s.distill.teacher_stage for s in recipe.stages if isinstance(s, DistillStage)}
-    teachers: dict[int, torch.nn.Module] = {}
-    stage_reports = []
-    for i, stage in enumerate(recipe.stages):
-        if i in teachers_needed:  # the model before this stage teaches a later distill stage
-            teachers[i] = baseline if i == 0 and baseline is not None else _teacher_copy(model, i, recipe, device)
-        kind = type(stage).__name__.removesuffix("Stage").lower()
-        stage_ctx = ctx
-        if isinstance(stage, DistillStage):
-            stage_ctx = dataclasses.replace(ctx, teacher=teachers[stage.distill.teacher_stage],
-                                            distill_windows=distill_windows.get(i))
-        with timings.phase(f"stage {i + 1}/{len(recipe.stages)}: {kind}"):
-            stage_reports.append(apply_stage(stage, model, stage_ctx).to_dict())
-    del teachers
-
+    stages_key = [model_key, recipe.to_dict()["calibration"], recipe.to_dict()["stages"], recipe.seed]
+    reused = shared is not None and shared.has("compressed model", stages_key)
+    with timings.phase("stages (reused from an earlier variant)" if reused else "stages"):
+        model, stage_reports = _once(
+            shared, "compressed model", stages_key,
+            lambda: (model, _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)),
+            copied=True)
+    # computed once per compressed model, shared by the exports (of every variant) that need them
+    stats: dict[str, Any] = _once(shared, "export statistics", stages_key, dict)
     artifacts = []
-    stats: dict[str, Any] = {}  # computed once, shared by the exports that need them
     for i, target in enumerate(recipe.export):
         name = recipe.export_name(i)
         with timings.phase(f"export {name}"):
@@ -260,9 +312,12 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunRe
         "artifacts": artifacts,
         "notes": [],
     }
+    if reused:
+        report["notes"].append("the stages' result (and their reports) came from an earlier run of the sweep with "
+                               "the same model, calibration, stages and seed")
     failures: list[str] = []
     if recipe.evaluate:
-        _evaluate(recipe, report, work, baseline, model, windows, device, params, timings, tokenizer)
+        _evaluate(recipe, report, work, baseline, model, windows, device, params, timings, tokenizer, shared)
         for art in report["artifacts"]:
             art["budget_failures"] = budget_failures(recipe.evaluate.budget, report["baseline"], art)
             failures += art["budget_failures"]
@@ -424,7 +479,7 @@ def _describe_calibration(recipe: Recipe, calib: torch.Tensor | None) -> dict[st
 
 def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torch.nn.Module,
               compressed: torch.nn.Module, windows: torch.Tensor, device: str, params: int,
-              timings: _Timings, tokenizer: Any = None) -> None:
+              timings: _Timings, tokenizer: Any = None, shared: SharedWork | None = None) -> None:
     from export.safetensors import load_checkpoint
 
     ev = recipe.evaluate
@@ -514,7 +569,10 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                            "compression_vs_fp16": params * 2 / weights if weights else None}
     if metrics & {"latency", "memory"}:
         with timings.phase("measure speed and memory (fresh process per model)"):
-            report["baseline"]["speed"] = speed.measure("model", recipe.model.model_dump_json(), ev.speed, device)
+            report["baseline"]["speed"] = _once(
+                shared, "baseline speed", [recipe.model.model_dump(mode="json"), ev.speed.model_dump(mode="json"),
+                                           device],
+                lambda: speed.measure("model", recipe.model.model_dump_json(), ev.speed, device), copied=True)
             for art in report["artifacts"]:
                 if art["format"].startswith("gguf"):
                     art["speed"] = speed.measure("gguf", str(_gguf_file(work / art["path"])), ev.speed, "cpu")

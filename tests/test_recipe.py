@@ -6,7 +6,9 @@ from click.testing import CliRunner
 from compressor.cli import main
 from compressor.recipe import Recipe, RecipeError
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")
+                 if not p.name.endswith(".sweep.yaml"))
+SWEEPS = sorted((Path(__file__).parent.parent / "recipes").glob("*.sweep.yaml"))
 
 
 def test_there_are_example_recipes():
@@ -20,6 +22,14 @@ def test_example_recipes_validate(path):
     # Every example that quantizes with GPTQ must say what it calibrates on.
     if any(q.method == "gptq" for q in recipe.quantize_configs()):
         assert recipe.calibration is not None
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_example_sweeps_validate_every_variant(path):
+    from compressor.sweep import load_sweep
+
+    sweep = load_sweep(path)
+    assert len(sweep.variants) >= 2 and all(v.recipe.model.id for v in sweep.variants)
 
 
 def _error(data) -> str:
