@@ -56,3 +56,17 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def file_hashes(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def read_yaml(path: str | Path, what: str, error: type[Exception]) -> object:
+    """The parsed content of a YAML file; a missing file or bad YAML raises `error` naming the file and `what` it
+    should have been."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, \
     model_validator
 
@@ -726,14 +725,9 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from None
-        return cls.from_dict(data, source=str(path))
+        from .fileio import read_yaml
+
+        return cls.from_dict(read_yaml(path, "recipe", RecipeError), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":

@@ -58,14 +58,10 @@ class Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
+    from .fileio import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {e}") from None
-    return sweep_from_dict(spec, base_dir=path.parent, source=str(path))
+    return sweep_from_dict(read_yaml(path, "sweep", SweepError), base_dir=path.parent, source=str(path))
 
 
 def sweep_from_dict(spec: Any, base_dir: Path = Path("."), source: str = "sweep") -> Sweep:
@@ -103,10 +99,10 @@ def sweep_from_dict(spec: Any, base_dir: Path = Path("."), source: str = "sweep"
 
 def _base(base: Any, base_dir: Path, source: str) -> dict[str, Any]:
     if isinstance(base, str):
-        path = Path(base) if Path(base).is_absolute() else base_dir / base
-        if not path.is_file():
-            raise SweepError(f"{source}: base: recipe file not found: {path}")
-        base = yaml.safe_load(path.read_text())
+        from .fileio import read_yaml
+
+        base = read_yaml(Path(base) if Path(base).is_absolute() else base_dir / base, f"{source}: base: recipe",
+                         SweepError)
     if not isinstance(base, dict):
         raise SweepError(f"{source}: base: a recipe file path or a recipe mapping; got {type(base).__name__}")
     try:
