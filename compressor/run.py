@@ -150,6 +150,7 @@ class SharedWork:
     values: dict[tuple[str, str], Any] = field(default_factory=dict)
     made: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
+    keep_latest: tuple[str, ...] = ("compressed model", "export statistics")  # whole models: only the latest stays
 
     def once(self, kind: str, key: Any, make: Any, copied: bool = False) -> Any:
         k = (kind, json.dumps(key, sort_keys=True, default=str))
@@ -157,6 +158,9 @@ class SharedWork:
             self.reused[kind] = self.reused.get(kind, 0) + 1
             log.info("%s: reused from an earlier variant", kind)
         else:
+            if kind in self.keep_latest:  # a sweep runs variants with equal stages back to back: one is enough
+                for old in [key for key in self.values if key[0] == kind]:
+                    del self.values[old]
             self.values[k] = make()
             self.made[kind] = self.made.get(kind, 0) + 1
         return copy.deepcopy(self.values[k]) if copied else self.values[k]
