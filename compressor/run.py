@@ -172,6 +172,12 @@ class SharedWork:
         return {kind: {"computed": n, "reused": self.reused.get(kind, 0)} for kind, n in self.made.items()}
 
 
+def stages_inputs(recipe: Recipe) -> list[Any]:
+    """What the model after the recipe's stages depends on: runs equal in these share it (a sweep orders by them)."""
+    r = recipe.to_dict()
+    return [r["model"], r["calibration"], r["stages"], r["seed"]]
+
+
 def _once(shared: SharedWork | None, kind: str, key: Any, make: Any, copied: bool = False) -> Any:
     return make() if shared is None else shared.once(kind, key, make, copied)
 
@@ -291,7 +297,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
 
     ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size if recipe.calibration else 8,
                        device=device)
-    stages_key = [model_key, recipe.to_dict()["calibration"], recipe.to_dict()["stages"], recipe.seed]
+    stages_key = [device, *stages_inputs(recipe)]
     reused = shared is not None and shared.has("compressed model", stages_key)
     with timings.phase("stages (reused from an earlier variant)" if reused else "stages"):
         model, stage_reports = _once(

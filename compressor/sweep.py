@@ -260,5 +260,6 @@ def run_sweep(sweep: Sweep, overwrite: bool = False) -> dict[str, Any]:
 
 
 def _stage_key(v: Variant) -> str:
-    r = v.recipe.to_dict()
-    return json.dumps([r["model"], r.get("calibration"), r["stages"], r.get("seed")], sort_keys=True)
+    from .run import stages_inputs
+
+    return json.dumps(stages_inputs(v.recipe), sort_keys=True)
