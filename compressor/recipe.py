@@ -610,15 +610,25 @@ class BudgetConfig(_Strict):
     max_size_mb: float | None = Field(None, gt=0)
 
 
+Target = Literal["cpu", "cuda"]
+
+
 class EvaluateConfig(_Strict):
     data: EvalDataConfig = EvalDataConfig()
     metrics: tuple[Metric, ...] = ALL_METRICS
     speed: SpeedConfig = SpeedConfig()
+    targets: tuple[Target, ...] = Field(
+        ("cpu",), min_length=1,
+        description="where speed is measured: cpu = each exported artifact in its own runtime on the run's device; "
+                    "cuda = the torch model on a CUDA GPU (fp16, fused low-bit kernels, 2:4 sparse), with accuracy "
+                    "on the same windows; a target that is not present is reported as skipped")
     budget: BudgetConfig | None = None
     batch_size: int = Field(1, gt=0, description="evaluation windows per forward pass")
 
     @model_validator(mode="after")
     def _budget_needs_metric(self) -> "EvaluateConfig":
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets: {list(self.targets)} lists a target twice")
         if self.budget is None:
             return self
         needs = {"max_perplexity_increase": "perplexity", "max_kl_divergence": "kl_divergence",

@@ -109,6 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
                 checks.append(f"- {art['name']}: layers kept at their own width (mixed precision): {kinds}")
     if checks:
         lines += ["", "## Runtime checks", "", *checks]
+    lines += _cuda_section(report)
     for stage in report["stages"]:
         lines += ["", f"## Stage: {stage['kind']} ({stage['seconds']:.1f} s)", "",
                   ", ".join(f"{k}={v}" for k, v in stage["summary"].items())]
@@ -119,3 +120,34 @@ def markdown(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         lines += ["", f"> {note}"]
     return "\n".join(lines) + "\n"
+
+
+def _cuda_section(report: dict[str, Any]) -> list[str]:
+    cuda = report.get("targets", {}).get("cuda")
+    if cuda is None:
+        return []
+    if "skipped" in cuda:
+        return ["", "## Target: cuda", "", f"Skipped: {cuda['skipped']}."]
+    lines = ["", f"## Target: cuda ({cuda['device']}, {cuda['dtype']})", "",
+             "| variant | decode ms/tok | speedup | prefill tok/s | peak GPU MB | ppl | KL | top-1 | decode | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base_ppl = cuda.get("baseline_accuracy", {}).get("perplexity")
+    for name, r in cuda["variants"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} |||||||||")
+            continue
+        acc = r.get("accuracy", {"perplexity": base_ppl})
+        cells = [name, f"{r['decode_ms_per_token']:.3f}", f"{r['decode_speedup']:.2f}x",
+                 f"{r['prefill_tokens_per_s']:.0f}", f"{r['peak_gpu_bytes'] / 1e6:.0f}",
+                 _fmt(acc.get("perplexity"), "{:.3f}"), _fmt(acc.get("kl_divergence"), "{:.4f}"),
+                 _fmt(acc.get("top1_agreement"), "{:.3f}"), r["decode_method"], r.get("note", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    cpu = [f"{a['name']} {a['speed']['decode_speedup']:.2f}x" for a in report["artifacts"]
+           if a.get("speed", {}).get("decode_speedup")]
+    if cpu:
+        lines += ["", "CPU decode speedup of the artifacts over the baseline, for comparison: " + ", ".join(cpu)]
+    return lines
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    return "-" if v is None else fmt.format(v)

@@ -577,7 +577,7 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
             art["size"] = {"bytes": speed.directory_bytes(work / art["path"]), "weights_bytes": weights,
                            "bits_per_weight": weights * 8 / params,
                            "compression_vs_fp16": params * 2 / weights if weights else None}
-    if metrics & {"latency", "memory"}:
+    if metrics & {"latency", "memory"} and "cpu" in ev.targets:
         with timings.phase("measure speed and memory (fresh process per model)"):
             report["baseline"]["speed"] = _once(
                 shared, "baseline speed", [recipe.model.model_dump(mode="json"), ev.speed.model_dump(mode="json"),
@@ -596,6 +596,14 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                     art["speed"]["decode_speedup"] = (report["baseline"]["speed"]["decode_ms_per_token"]
                                                       / art["speed"]["decode_ms_per_token"])
         report["notes"].append(_CPU_NOTE)
+    if "cuda" in ev.targets:
+        from .evaluate import cuda_target
+
+        with timings.phase("cuda target: the torch model on the GPU"):
+            report["targets"] = {"cuda": cuda_target.measure(
+                baseline, compressed, windows, prompt_tokens=ev.speed.prompt_tokens,
+                decode_tokens=ev.speed.decode_tokens, prefill_tokens=ev.speed.prefill_tokens,
+                repeats=ev.speed.repeats, batch_size=ev.batch_size)}
 
 
 def _generation_check(folder: Path, reference: torch.nn.Module, windows: torch.Tensor, device: str,

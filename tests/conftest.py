@@ -3,8 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 import torch
+
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter (tests/test_kernels.py); it
+    # must be on before any kernel is defined.
+    from compressor.kernels import interpreter
+
+    interpreter.enable()
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
 VOCAB = 384

@@ -1,0 +1,157 @@
+"""The fused dequantize-GEMM kernels against their PyTorch reference.
+
+On a machine without CUDA the Triton kernel runs on CPU tensors through Triton's interpreter (float16 only: the
+interpreter computes bfloat16 wrongly); on a GPU the same tests run on the device, in float16 and bfloat16.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from compressor.kernels import KernelWeight, UnsupportedLayout, pack_for_kernel, reference, use_fused_kernels
+from compressor.kernels.layout import unpack_codes
+from compressor.quant.tensor import QuantizedTensor, QuantLinear, quantize_rtn
+
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
+# ‖y - exact‖ / ‖exact‖ against float64 on the same dequantized weights: the kernels accumulate in fp32 and round the
+# output once, so the error is the output dtype's rounding plus the inputs' (bf16 has 8 bits of mantissa, fp16 11).
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def random_quantized(out: int, inp: int, bits: int, group_size: int, act_order: bool, seed: int) -> QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    qt = quantize_rtn(torch.randn(out, inp, generator=g), bits, group_size, symmetric=False)
+    # Random codes, not only those of a Gaussian: every level, including 0 and the maximum, must decode right.
+    codes = torch.randint(0, 1 << bits, (out, inp), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 1 << bits, qt.zeros.shape, generator=g, dtype=torch.uint8)
+    g_idx = None
+    if act_order:
+        gs = qt.group_size
+        order = torch.randperm(inp, generator=g)
+        g_idx = torch.empty(inp, dtype=torch.int32)
+        g_idx[order] = (torch.arange(inp) // gs).int()
+    return QuantizedTensor(codes, qt.scales, zeros, bits, qt.group_size, False, g_idx)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (64, True), (-1, False), (128, True)])
+def test_packing_round_trip(bits, group_size, act_order):
+    qt = random_quantized(24, 200, bits, group_size, act_order, seed=bits)
+    kw = pack_for_kernel(qt, torch.float16)
+    order = kw.perm.long() if kw.perm is not None else torch.arange(200)
+    assert torch.equal(unpack_codes(kw), qt.codes.t()[order])
+    assert torch.equal(reference.dequantize(kw), qt.dequantize(torch.float16).t())
+
+
+def test_layouts_the_kernels_cannot_take_are_refused():
+    with pytest.raises(UnsupportedLayout, match="3-bit"):
+        pack_for_kernel(quantize_rtn(torch.randn(8, 64), 3, 32, False))
+    with pytest.raises(UnsupportedLayout, match="multiple of 32"):
+        pack_for_kernel(quantize_rtn(torch.randn(8, 64), 4, 16, False))
+
+
+def test_reference_matches_the_dequantized_matmul():
+    qt = random_quantized(48, 160, 4, 32, True, seed=1)
+    kw = pack_for_kernel(qt, torch.float32)
+    x = torch.randn(3, 160)
+    bias = torch.randn(48)
+    assert torch.allclose(reference.quant_matmul(x, kw, bias), x @ qt.dequantize().t() + bias, atol=1e-4)
+
+
+def _kernel_case(bits, group_size, act_order, m, k, n, dtype, config, seed, bias=True):
+    from compressor.kernels import triton_qmm
+
+    qt = random_quantized(n, k, bits, group_size, act_order, seed)
+    kw = pack_for_kernel(qt, dtype).to(DEVICE)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    y = triton_qmm.quant_matmul(x, kw, b, config=config)
+    w = reference.dequantize(kw).double()
+    exact = x.double() @ w + (b.double() if bias else 0)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert torch.isfinite(y).all()
+    err = float((y.double() - exact).norm() / exact.norm())
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+
+
+CONFIGS = {  # block_m, block_n, split_k: the GEMV path, split-K (atomic), and the tensor-core path
+    "gemv": (1, 32, 1), "gemv-split": (1, 64, 3), "dot": (16, 32, 1), "dot-split": (16, 64, 2)}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (4, 128, True), (8, 64, False),
+                                                        (2, -1, False)])
+def test_kernel_matches_reference(bits, group_size, act_order, config, dtype):
+    from compressor.kernels.triton_qmm import Config
+
+    # Shapes that are not multiples of the blocks: masked rows, columns and a partial last tile.
+    for m in (1, 5) if CONFIGS[config][0] == 1 else (3, 17):
+        _kernel_case(bits, group_size, act_order, m, 448 if group_size != 128 else 640, 72, dtype,
+                     Config(*CONFIGS[config]), seed=bits * 7 + m)
+
+
+@needs_triton
+def test_kernel_on_larger_shapes_and_default_configs():
+    from compressor.kernels import triton_qmm
+
+    k, n = (4096, 4096) if CUDA else (512, 256)
+    for m in (1, 4, 16, 64) if CUDA else (1, 16):
+        _kernel_case(4, 128, False, m, k, n, torch.float16, triton_qmm.default_config(m), seed=m, bias=False)
+        if CUDA:  # the tuned choice must compute the same function as every candidate
+            _kernel_case(4, 128, False, m, k, n, torch.float16, None, seed=m + 100, bias=False)
+
+
+@needs_triton
+def test_tuning_picks_a_default_without_a_gpu():
+    from compressor.kernels import triton_qmm
+
+    kw = pack_for_kernel(random_quantized(64, 256, 4, 32, False, 0))
+    if CUDA:
+        timed = triton_qmm.tune(1, kw.to("cuda"), torch.float16, triton_qmm.candidates(1)[:3], rep_ms=5)
+        assert timed and all(us > 0 for _, us in timed)
+    else:
+        assert triton_qmm.tuned_config(1, kw, torch.float16) == triton_qmm.default_config(1)
+    assert {c.block_m for c in triton_qmm.candidates(1)} == {1}
+    assert min(c.block_m for c in triton_qmm.candidates(64)) >= 16
+
+
+def test_dispatch_falls_back_to_the_reference_without_triton_or_cuda(monkeypatch):
+    import compressor.kernels as kernels
+
+    kw = pack_for_kernel(random_quantized(32, 64, 4, 32, False, 0), torch.float32)
+    x = torch.randn(2, 64)
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert torch.equal(kernels.quant_matmul(x, kw), reference.quant_matmul(x, kw))
+
+
+def test_fused_linear_in_a_model_computes_what_quantlinear_computes():
+    from conftest import tiny_model
+
+    model = tiny_model("llama", intermediate_size=96)  # 96 columns: groups of 32 fit, K is not a tile multiple
+    for name, m in list(model.named_modules()):
+        if isinstance(m, torch.nn.Linear) and "layers" in name:
+            gs = 32 if "mlp" not in name else 16  # groups of 16 are not kernel-packable: those layers stay
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    QuantLinear(quantize_rtn(m.weight.detach(), 4, gs, True), m.bias))
+    ids = torch.randint(0, 384, (1, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+        kept = use_fused_kernels(model, torch.float32)
+        got = model(ids).logits
+    assert kept and all("multiple of 32" in why for why in kept.values())
+    assert set(kept) == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    fused = [m for m in model.modules() if type(m).__name__ == "FusedQuantLinear"]
+    assert len(fused) == 2 * 4  # q, k, v, o in each of the two blocks
+    assert torch.allclose(got, want, atol=1e-4)
+    assert isinstance(fused[0].kernel_weight(), KernelWeight)
