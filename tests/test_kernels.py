@@ -82,8 +82,8 @@ def _kernel_case(bits, group_size, act_order, m, k, n, dtype, config, seed, bias
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
 
-CONFIGS = {  # block_m, block_n, split_k: the GEMV path, split-K (atomic), and the tensor-core path
-    "gemv": (1, 32, 1), "gemv-split": (1, 64, 3), "dot": (16, 32, 1), "dot-split": (16, 64, 2)}
+CONFIGS = {  # block_m, block_n, split_k: narrow and wide blocks, split-K (atomic), several row blocks
+    "narrow": (16, 32, 1), "split": (16, 64, 3), "wide": (32, 128, 1), "wide-split": (64, 64, 2)}
 
 
 @needs_triton
@@ -95,7 +95,7 @@ def test_kernel_matches_reference(bits, group_size, act_order, config, dtype):
     from compressor.kernels.triton_qmm import Config
 
     # Shapes that are not multiples of the blocks: masked rows, columns and a partial last tile.
-    for m in (1, 5) if CONFIGS[config][0] == 1 else (3, 17):
+    for m in (1, 5) if CONFIGS[config][0] == 16 else (3, 70):
         _kernel_case(bits, group_size, act_order, m, 448 if group_size != 128 else 640, 72, dtype,
                      Config(*CONFIGS[config]), seed=bits * 7 + m)
 
@@ -117,12 +117,12 @@ def test_tuning_picks_a_default_without_a_gpu():
 
     kw = pack_for_kernel(random_quantized(64, 256, 4, 32, False, 0))
     if CUDA:
-        timed = triton_qmm.tune(1, kw.to("cuda"), torch.float16, triton_qmm.candidates(1)[:3], rep_ms=5)
+        timed = triton_qmm.tune(1, kw.to("cuda"), torch.float16, triton_qmm.candidates(1)[:3], replays=2)
         assert timed and all(us > 0 for _, us in timed)
     else:
         assert triton_qmm.tuned_config(1, kw, torch.float16) == triton_qmm.default_config(1)
-    assert {c.block_m for c in triton_qmm.candidates(1)} == {1}
-    assert min(c.block_m for c in triton_qmm.candidates(64)) >= 16
+    assert {c.block_m for c in triton_qmm.candidates(1)} == {16}  # the tensor cores' smallest tile
+    assert min(c.block_m for c in triton_qmm.candidates(64)) >= 32
 
 
 def test_dispatch_falls_back_to_the_reference_without_triton_or_cuda(monkeypatch):

@@ -24,7 +24,7 @@ class UnsupportedModel(ValueError):
 
 def merge_linears(mods: list[nn.Module]) -> nn.Module:
     """One module computing ``cat([m(x) for m in mods], -1)``: concatenated weights where the kinds allow it."""
-    if all(type(m) is nn.Linear for m in mods):
+    if all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in mods):  # dense (not 2:4 sparse) weights
         w = torch.cat([m.weight.detach() for m in mods])
         merged = nn.Linear(w.shape[1], w.shape[0], bias=mods[0].bias is not None, device=w.device, dtype=w.dtype)
         merged.weight = nn.Parameter(w, requires_grad=False)

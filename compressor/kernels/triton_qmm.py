@@ -1,12 +1,13 @@
 """Fused dequantize-GEMM in Triton: ``y = x @ dequant(W)`` reading the packed low-bit weights once.
 
-One kernel, two regimes chosen by its block shape:
-- ``BLOCK_M == 1`` (decode, GEMV-like, memory-bound): each program keeps a [SUB, BLOCK_N] fp32 accumulator and
-  reduces it once at the end, so the inner loop is dequantize + FMA with no cross-thread reductions;
-- ``BLOCK_M >= 16`` (batches, prefill): tensor-core ``tl.dot`` of activation slabs with dequantized weight slabs.
+Each program multiplies a [BLOCK_M, K-range] slab of activations with a [K-range, BLOCK_N] block of weights on the
+tensor cores, one 32-row slab at a time (see layout.py): the weights are turned into the small integers (q - z)
+with two bit operations and one subtraction, and the group's scale multiplies the slab's partial product. At batch 1
+(decode) the rows beyond the batch are masked: the GPU is bound by reading the weights, not by the tensor cores.
 Split-K spreads the input dimension over programs when the output is too narrow to fill the GPU; partial sums are
 added atomically into an fp32 buffer. Which block shape, split and warp count is fastest depends on the card and the
-shape, so `tuned_config` measures the candidates once per (batch bucket, shape) on the device.
+shape, so `tuned_config` measures the candidates once per (batch bucket, shape) on the device, inside a CUDA graph
+with the weights cold in L2 (compressor.kernels.timing): as a decode step runs them.
 
 Importing this module needs Triton; kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -26,6 +27,7 @@ from .layout import SUB, KernelWeight
 def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
                 M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
                 BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                MAGIC: tl.constexpr, OFFSET: tl.constexpr,
                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -39,10 +41,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
     m_mask = offs_m < M
     tiles = tl.cdiv(K, SUBR * PACK)
     t_start = pid_k * tiles_per_split
-    if BLOCK_M == 1:
-        acc = tl.zeros((SUBR, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, tiles_per_split):
         # The last split may run past the end: such tiles load nothing (rows >= K are masked below).
         t = t_start + i
@@ -56,32 +55,32 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
             sz_mask = n_mask & (row0 < K)
             s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
             z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
-            q = ((words >> (j * BITS)) & MASK).to(s.dtype)
-            w = (q - z[None, :]) * s[None, :]
             if HAS_PERM:
                 cols = tl.load(perm_ptr + rows, mask=k_mask, other=0)
             else:
                 cols = rows
-            if BLOCK_M == 1:
-                xv = tl.load(x_ptr + pid_m * stride_xm + cols, mask=k_mask, other=0.0)
-                acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            q = (words >> (j * BITS)) & MASK
+            if MAGIC != 0:
+                # OFFSET + q by writing q into the mantissa of OFFSET: no integer-to-float conversion, which runs at
+                # a quarter of the rate of the other instructions and would make the kernel compute-bound.
+                h = (q | MAGIC).to(tl.int16).to(xv.dtype, bitcast=True)
+                d = h - (z + OFFSET).to(xv.dtype)[None, :]
             else:
-                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                acc += tl.dot(xv, w.to(xv.dtype))
-    if BLOCK_M == 1:
-        res = tl.sum(acc, axis=0)[None, :]
-    else:
-        res = acc
+                d = q.to(xv.dtype) - z.to(xv.dtype)[None, :]
+            # (q - z) is a small integer, exact in 16 bits: the tensor cores multiply it exactly, and the group's
+            # scale is applied once per output instead of once per weight.
+            acc += tl.dot(xv, d) * s.to(tl.float32)[None, :]
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0)
-        res += b.to(tl.float32)[None, :]
+        acc += b.to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptrs, res, mask=out_mask)
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
     else:
-        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @dataclass(frozen=True)
@@ -114,10 +113,11 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    magic, offset = _magic(kw.bits, x.dtype)
     _qmm_kernel[grid](x2, kw.qweight, kw.scales, kw.zeros, kw.perm if kw.perm is not None else kw.qweight,
                       bias if bias is not None else kw.scales, out,
                       m, n, k, kw.group_size, per_split, x2.stride(0), out.stride(0),
-                      BITS=kw.bits, SUBR=SUB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BITS=kw.bits, SUBR=SUB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MAGIC=magic, OFFSET=offset,
                       HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if atomic:
@@ -125,26 +125,29 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     return out.view(*lead, n)
 
 
+def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
+    """Bits of a 16-bit float OFFSET whose mantissa takes any `bits`-bit code exactly (0: convert instead)."""
+    if dtype == torch.float16:
+        return 0x6400, 1024.0  # 1024 + q, q < 1024
+    if dtype == torch.bfloat16 and bits <= 7:
+        return 0x4300, 128.0  # 128 + q, q < 128
+    return 0, 0.0
+
+
 def candidates(m: int) -> list[Config]:
-    """Configurations worth timing for a batch of `m` rows (decode and small batches: split-K GEMV shapes; larger
-    batches: tensor-core tiles)."""
+    """Configurations worth timing for a batch of `m` rows (the tensor cores take at least 16)."""
     out: list[Config] = []
-    if m <= 4:
-        for bn in (64, 128, 256):
+    bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
+    for bm in bms:
+        for bn in (32, 64, 128, 256):
             for split in (1, 2, 4, 8, 16):
-                out.append(Config(1, bn, split, 4 if bn <= 128 else 8))
-    if m >= 2:
-        bms = [16] if m <= 16 else [16, 32, 64] if m <= 64 else [64, 128]
-        for bm in bms:
-            for bn in (64, 128, 256):
-                for split in (1, 2, 4, 8):
-                    if bm * bn <= 128 * 128:
-                        out.append(Config(bm, bn, split, 4, 3))
+                if bm * bn <= 128 * 128 and (split <= 4 or m <= 16):
+                    out.append(Config(bm, bn, split, 8 if bm * bn >= 64 * 256 else 4, 3))
     return out
 
 
 def default_config(m: int) -> Config:
-    return Config(1, 64, 4) if m <= 2 else Config(16 if m <= 16 else 64, 64, 1 if m > 16 else 4, 4, 3)
+    return Config(16, 64, 4, 4, 3) if m <= 16 else Config(64, 64, 1, 4, 3)
 
 
 _TUNED: dict[tuple, Config] = {}
@@ -171,17 +174,21 @@ def tuned_config(m: int, kw: KernelWeight, dtype: torch.dtype) -> Config:
 
 
 def tune(m: int, kw: KernelWeight, dtype: torch.dtype, configs: list[Config] | None = None,
-         rep_ms: int = 10) -> list[tuple[Config, float]]:
-    """Time each candidate (median µs, L2 flushed between runs) on random activations of `m` rows; fastest first."""
-    from triton.testing import do_bench
+         replays: int = 5) -> list[tuple[Config, float]]:
+    """Time each candidate (µs per call in a CUDA graph, weights cold in L2) on random activations of `m` rows;
+    fastest first."""
+    from .timing import copies_for, graph_time_us
 
     x = torch.randn(m, kw.in_features, dtype=dtype, device=kw.qweight.device)
+    weights = [kw] + [KernelWeight(kw.qweight.clone(), kw.scales.clone(), kw.zeros.clone(), kw.perm, kw.bits,
+                                   kw.group_size, kw.in_features, kw.out_features)
+                      for _ in range(copies_for(kw.nbytes(), most=32) - 1)]
     timed = []
     for cfg in configs or candidates(m):
         try:
-            ms = do_bench(lambda c=cfg: quant_matmul(x, kw, config=c), warmup=5, rep=rep_ms, return_mode="median")
+            us = graph_time_us([lambda w=w, c=cfg: quant_matmul(x, w, config=c) for w in weights], replays)
         except Exception:  # a configuration the compiler rejects (e.g. out of shared memory) is simply not a choice
             continue
-        timed.append((cfg, ms * 1000))
+        timed.append((cfg, us))
     timed.sort(key=lambda p: p[1])
     return timed
