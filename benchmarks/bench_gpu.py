@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting new measurements after this")
     ap.add_argument("--cpu-check", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     ap.add_argument("--sections", default="ceilings,kernels,sparse,decode")
+    ap.add_argument("--kernel-bits", default="4,8", help="weight widths of the kernel table")
+    ap.add_argument("--kernel-s", type=float, default=None, help="stop starting kernel shapes after this long")
     args = ap.parse_args()
     if args.cpu_check:
         from compressor.kernels import interpreter
@@ -56,7 +58,8 @@ def main() -> int:
     if not cuda and not args.cpu_check:
         print("no CUDA GPU: run with --cpu-check for the CPU dry run")
         return 2
-    results: dict = {"env": env(torch, cuda), "budget_s": args.budget_s}
+    results: dict = {"env": env(torch, cuda), "budget_s": args.budget_s,
+                     "kernel_bits": [int(b) for b in args.kernel_bits.split(",")], "kernel_s": args.kernel_s}
     out_file = args.out / "gpu_results.json"
 
     def save() -> None:
@@ -165,10 +168,11 @@ def kernels(torch, cuda, results, deadline, store) -> None:
             return graph_time_us(calls)
         return timer(torch, cuda)(calls[0])
 
-    for bits in (4, 8):
+    section_end = time.perf_counter() + results["kernel_s"] if results.get("kernel_s") else deadline
+    for bits in results.get("kernel_bits", (4, 8)):
         for k in dims:
             for n in dims:
-                if time.perf_counter() > deadline - (120 if bits == 4 else 140):  # leave time for sparse, decode
+                if time.perf_counter() > min(section_end, deadline - (120 if bits == 4 else 140)):
                     log(f"kernels: budget reached before {bits}-bit {k}x{n}")
                     break
                 if bits == 8 and not (k == n or (k, n) == (4096, 14336)):

@@ -1,8 +1,8 @@
 """Fused dequantize-GEMM in Triton: ``y = x @ dequant(W)`` reading the packed low-bit weights once.
 
 Each program multiplies a [BLOCK_M, K-range] slab of activations with a [K-range, BLOCK_N] block of weights on the
-tensor cores, one 32-row slab at a time (see layout.py): the weights are turned into the small integers (q - z)
-with two bit operations and one subtraction, and the group's scale multiplies the slab's partial product. At batch 1
+tensor cores, one tile of 32 packed rows at a time (see layout.py): the codes become 16-bit floats by bit
+operations alone (no integer-to-float conversion), then ``(q - z) * s`` exactly as the reference computes it. At batch 1
 (decode) the rows beyond the batch are masked: the GPU is bound by reading the weights, not by the tensor cores.
 Split-K spreads the input dimension over programs when the output is too narrow to fill the GPU; partial sums are
 added atomically into an fp32 buffer. Which block shape, split and warp count is fastest depends on the card and the
@@ -27,7 +27,7 @@ from .layout import SUB, KernelWeight
 def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
                 M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
                 BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                MAGIC: tl.constexpr, OFFSET: tl.constexpr,
+                MAGIC: tl.constexpr, OFFSET: tl.constexpr, ONE_DOT: tl.constexpr,
                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -42,36 +42,65 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
     tiles = tl.cdiv(K, SUBR * PACK)
     t_start = pid_k * tiles_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
+    # The next tile's words are requested before this tile is computed, so a load is always in flight.
+    words_next = tl.load(w_ptrs + t_start * SUBR * N, mask=n_mask[None, :] & (t_start < tiles), other=0)
     for i in range(0, tiles_per_split):
         # The last split may run past the end: such tiles load nothing (rows >= K are masked below).
         t = t_start + i
-        words = tl.load(w_ptr + (t * SUBR + offs_r)[:, None] * N + offs_n[None, :],
-                        mask=n_mask[None, :] & (t < tiles), other=0)
-        for j in tl.static_range(PACK):
-            row0 = t * SUBR * PACK + j * SUBR
-            rows = row0 + offs_r
+        words = words_next
+        words_next = tl.load(w_ptrs + (t + 1) * SUBR * N,
+                             mask=n_mask[None, :] & (t + 1 < tiles) & (i + 1 < tiles_per_split), other=0)
+        if ONE_DOT:
+            # The whole tile at once: shift j of the words holds rows j*SUB.., so [PACK, SUB, N] is the tile's rows
+            # in order; one dequantization, one layout change and one tensor-core product per tile.
+            offs_j = tl.arange(0, PACK)
+            q = (words[None, :, :] >> (offs_j * BITS)[:, None, None]) & MASK
+            row0 = t * SUBR * PACK + offs_j * SUBR
+            sz_mask = (row0 < K)[:, None, None] & n_mask[None, None, :]
+            sz_off = (row0 // group_size)[:, None, None] * N + offs_n[None, None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0)
+            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0)
+            rows = t * SUBR * PACK + tl.arange(0, SUBR * PACK)
             k_mask = rows < K
-            g = row0 // group_size
-            sz_mask = n_mask & (row0 < K)
-            s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
-            z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
             if HAS_PERM:
                 cols = tl.load(perm_ptr + rows, mask=k_mask, other=0)
             else:
                 cols = rows
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            q = (words >> (j * BITS)) & MASK
             if MAGIC != 0:
-                # OFFSET + q by writing q into the mantissa of OFFSET: no integer-to-float conversion, which runs at
-                # a quarter of the rate of the other instructions and would make the kernel compute-bound.
                 h = (q | MAGIC).to(tl.int16).to(xv.dtype, bitcast=True)
-                d = h - (z + OFFSET).to(xv.dtype)[None, :]
+                w = (h - (z + OFFSET).to(xv.dtype)) * s.to(xv.dtype)
             else:
-                d = q.to(xv.dtype) - z.to(xv.dtype)[None, :]
-            # (q - z) is a small integer, exact in 16 bits: the tensor cores multiply it exactly, and the group's
-            # scale is applied once per output instead of once per weight.
-            acc += tl.dot(xv, d) * s.to(tl.float32)[None, :]
+                w = (q.to(xv.dtype) - z.to(xv.dtype)) * s.to(xv.dtype)
+            acc += tl.dot(xv, tl.reshape(w, (PACK * SUBR, BLOCK_N)))
+        else:
+            for j in tl.static_range(PACK):
+                row0 = t * SUBR * PACK + j * SUBR
+                rows = row0 + offs_r
+                k_mask = rows < K
+                g = row0 // group_size
+                sz_mask = n_mask & (row0 < K)
+                s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
+                z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
+                if HAS_PERM:
+                    cols = tl.load(perm_ptr + rows, mask=k_mask, other=0)
+                else:
+                    cols = rows
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                q = (words >> (j * BITS)) & MASK
+                if MAGIC != 0:
+                    # OFFSET + q by writing q into the mantissa of OFFSET: no integer-to-float conversion, which
+                    # runs at a quarter of the rate of the other instructions.
+                    h = (q | MAGIC).to(tl.int16).to(xv.dtype, bitcast=True)
+                    d = h - (z + OFFSET).to(xv.dtype)[None, :]
+                else:
+                    d = q.to(xv.dtype) - z.to(xv.dtype)[None, :]
+                # (q - z) is a small integer, exact in 16 bits: the tensor cores multiply it exactly, and the
+                # group's scale is applied once per output instead of once per weight.
+                acc += tl.dot(xv, d) * s.to(tl.float32)[None, :]
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0)
         acc += b.to(tl.float32)[None, :]
@@ -90,9 +119,11 @@ class Config:
     split_k: int
     num_warps: int = 4
     num_stages: int = 2
+    one_dot: bool = True  # one product per tile (False: one per 32-row slab, the scale applied after it)
 
     def __str__(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
+        return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
+                + ("" if self.one_dot else "-slabs"))
 
 
 def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
@@ -118,6 +149,7 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
                       bias if bias is not None else kw.scales, out,
                       m, n, k, kw.group_size, per_split, x2.stride(0), out.stride(0),
                       BITS=kw.bits, SUBR=SUB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MAGIC=magic, OFFSET=offset,
+                      ONE_DOT=cfg.one_dot,
                       HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if atomic:
@@ -134,15 +166,20 @@ def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
     return 0, 0.0
 
 
-def candidates(m: int) -> list[Config]:
+def candidates(m: int, bits: int = 4) -> list[Config]:
     """Configurations worth timing for a batch of `m` rows (the tensor cores take at least 16)."""
     out: list[Config] = []
     bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
+    tile_rows = SUB * 32 // bits
     for bm in bms:
         for bn in (32, 64, 128, 256):
             for split in (1, 2, 4, 8, 16):
-                if bm * bn <= 128 * 128 and (split <= 4 or m <= 16):
-                    out.append(Config(bm, bn, split, 8 if bm * bn >= 64 * 256 else 4, 3))
+                if bm * bn > 128 * 128 or (split > 4 and m > 16):
+                    continue
+                if tile_rows * bn <= 256 * 128:  # a dequantized tile beyond this no longer fits in registers
+                    out.append(Config(bm, bn, split, 8 if tile_rows * bn >= 256 * 128 else 4, 3))
+                if bn in (64, 128) and split in (2, 4, 8):  # the per-slab variant where it came closest
+                    out.append(Config(bm, bn, split, 4, 3, one_dot=False))
     return out
 
 
@@ -184,7 +221,7 @@ def tune(m: int, kw: KernelWeight, dtype: torch.dtype, configs: list[Config] | N
                                    kw.group_size, kw.in_features, kw.out_features)
                       for _ in range(copies_for(kw.nbytes(), most=32) - 1)]
     timed = []
-    for cfg in configs or candidates(m):
+    for cfg in configs or candidates(m, kw.bits):
         try:
             us = graph_time_us([lambda w=w, c=cfg: quant_matmul(x, w, config=c) for w in weights], replays)
         except Exception:  # a configuration the compiler rejects (e.g. out of shared memory) is simply not a choice
