@@ -155,3 +155,22 @@ def test_fused_linear_in_a_model_computes_what_quantlinear_computes():
     assert len(fused) == 2 * 4  # q, k, v, o in each of the two blocks
     assert torch.allclose(got, want, atol=1e-4)
     assert isinstance(fused[0].kernel_weight(), KernelWeight)
+
+
+@needs_triton
+def test_tuning_never_chooses_a_configuration_that_computes_wrong(monkeypatch):
+    """Mocks the GPU timing (no GPU here): the fastest candidate gives wrong results and must be dropped."""
+    from compressor.kernels import timing, triton_qmm
+
+    kw = pack_for_kernel(random_quantized(64, 256, 4, 32, False, 0))
+    good, bad = triton_qmm.Config(16, 32, 1, 4, 3), triton_qmm.Config(16, 64, 2, 4, 3)
+    real = triton_qmm.quant_matmul
+
+    def faulty(x, w, bias=None, config=None):
+        y = real(x, w, bias, config)
+        return y * 1.5 if config == bad else y
+
+    monkeypatch.setattr(triton_qmm, "quant_matmul", faulty)
+    monkeypatch.setattr(timing, "graph_time_us", lambda calls, replays=5: 1.0)  # every candidate equally fast
+    timed = triton_qmm.tune(1, kw, torch.float16, [bad, good])
+    assert [c for c, _ in timed] == [good]

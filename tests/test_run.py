@@ -129,3 +129,20 @@ def test_speed_and_memory_are_measured_in_a_fresh_process(model_dir_factory, tmp
         s = row["speed"]
         assert s["decode_ms_per_token"] > 0 and s["prefill_tokens_per_second"] > 0 and s["peak_rss_mb"] > 50
     assert "kl_divergence" not in report["artifacts"][0]["accuracy"]
+
+
+def test_cuda_target_without_a_gpu_is_reported_as_skipped(model_dir_factory, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the report of a machine without a GPU")
+    recipe = tiny_recipe(model_dir_factory("llama"), tmp_path / "run", calibration=None, export=[],
+                         stages=[{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}])
+    recipe["evaluate"]["metrics"] = ["perplexity", "latency"]
+    recipe["evaluate"]["targets"] = ["cuda"]  # no cpu: the fresh-process speed phase does not run
+    result = run(Recipe.from_dict(recipe))
+    assert result.passed
+    report = result.report
+    assert report["targets"]["cuda"] == {"skipped": "no CUDA GPU visible to torch"}
+    assert "speed" not in report["baseline"]
+    assert "## Target: cuda" in (tmp_path / "run" / "report.md").read_text()

@@ -13,8 +13,8 @@ def enable() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     from triton.runtime import interpreter
 
-    if getattr(interpreter, "_compressor_index_fix", False):
-        return
+    if getattr(interpreter, "_compressor_index_fix", False) or not hasattr(interpreter, "_patch_lang_tensor"):
+        return  # already done, or a Triton whose interpreter is laid out differently (then it needs no repair)
     original = interpreter._patch_lang_tensor
 
     def patched(tensor, scope) -> None:

@@ -13,6 +13,7 @@ Importing this module needs Triton; kernels run on CUDA tensors, or on CPU tenso
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,7 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .layout import SUB, KernelWeight
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -220,9 +224,16 @@ def tune(m: int, kw: KernelWeight, dtype: torch.dtype, configs: list[Config] | N
     weights = [kw] + [KernelWeight(kw.qweight.clone(), kw.scales.clone(), kw.zeros.clone(), kw.perm, kw.bits,
                                    kw.group_size, kw.in_features, kw.out_features)
                       for _ in range(copies_for(kw.nbytes(), most=32) - 1)]
+    want = reference.quant_matmul(x, kw).float()
     timed = []
     for cfg in configs or candidates(m, kw.bits):
         try:
+            got = quant_matmul(x, kw, config=cfg).float()
+            # A configuration the compiler gets wrong must never win on speed: check it against the reference first.
+            err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+            if not err < 1e-2:
+                log.warning("kernel config %s gives relative error %.2e on %s: not used", cfg, err, tuple(x.shape))
+                continue
             us = graph_time_us([lambda w=w, c=cfg: quant_matmul(x, w, config=c) for w in weights], replays)
         except Exception:  # a configuration the compiler rejects (e.g. out of shared memory) is simply not a choice
             continue
