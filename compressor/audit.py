@@ -185,9 +185,14 @@ def stage_summary(run: Run) -> str:
 
 def _speed_row(entry: Mapping[str, Any]) -> dict[str, float | None]:
     s = entry.get("speed") or {}
+    r = entry.get("resources") or {}
+    flops = _num(r.get("flops_per_token"))
     return {"decode_ms_per_token": _num(s.get("decode_ms_per_token")),
             "prefill_tokens_per_second": _num(s.get("prefill_tokens_per_second")),
-            "peak_rss_mb": _num(s.get("peak_rss_mb"))}
+            "peak_rss_mb": _num(s.get("peak_rss_mb")),
+            "gflops_per_token": flops / 1e9 if flops is not None else None,
+            "energy_j_per_token": _num(r.get("energy_j_per_token")),
+            "cost_per_million_tokens": _num(r.get("cost_per_million_tokens"))}
 
 
 def run_rows(run: Run) -> list[dict[str, Any]]:
@@ -587,6 +592,9 @@ _COLUMNS: list[tuple[str, str, str, bool]] = [
     ("speedup", "decode_speedup", "{:.2f}x", True),
     ("prefill tok/s", "prefill_tokens_per_second", "{:.0f}", False),
     ("peak RSS MB", "peak_rss_mb", "{:.0f}", False),
+    ("GFLOPs/tok", "gflops_per_token", "{:.3f}", False),
+    ("J/tok", "energy_j_per_token", "{:.4f}", False),
+    ("cost/1M tok", "cost_per_million_tokens", "{:.4g}", False),
 ]
 
 

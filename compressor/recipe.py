@@ -624,6 +624,9 @@ class EvaluateConfig(_Strict):
                     "on the same windows; a target that is not present is reported as skipped")
     budget: BudgetConfig | None = None
     batch_size: int = Field(1, gt=0, description="evaluation windows per forward pass")
+    price_per_hour: float | None = Field(
+        None, gt=0, description="what the machine costs per hour (any currency): the report gives the cost of a "
+                                "million tokens decoded at the measured speed")
 
     @model_validator(mode="after")
     def _budget_needs_metric(self) -> "EvaluateConfig":

@@ -109,6 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
                 checks.append(f"- {art['name']}: layers kept at their own width (mixed precision): {kinds}")
     if checks:
         lines += ["", "## Runtime checks", "", *checks]
+    lines += _resources_section(report)
     lines += _cuda_section(report)
     for stage in report["stages"]:
         lines += ["", f"## Stage: {stage['kind']} ({stage['seconds']:.1f} s)", "",
@@ -151,3 +152,43 @@ def _cuda_section(report: dict[str, Any]) -> list[str]:
 
 def _fmt(v: Any, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
+
+
+def _resources_section(report: dict[str, Any]) -> list[str]:
+    entries = [e for e in rows(report) if e.get("resources")]
+    if not entries:
+        return []
+    lines = ["", "## Resources", "",
+             "| model | GFLOPs/token | nonzero GFLOPs | decode tok/s | prefill tok/s | peak MB | download MB | "
+             "energy J/token | cost per 1M tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        r = e["resources"]
+        energy = r.get("energy_j_per_token")
+        cells = [e["name"], _fmt(_giga(r.get("flops_per_token")), "{:.3f}"),
+                 _fmt(_giga(r.get("flops_per_token_nonzero")), "{:.3f}"), _fmt(r.get("decode_tokens_per_s"), "{:.1f}"),
+                 _fmt(r.get("prefill_tokens_per_s"), "{:.0f}"), _fmt(r.get("peak_memory_mb"), "{:.0f}"),
+                 _fmt(_mb(r.get("download_bytes")), "{:.1f}"),
+                 f"{energy:.4f}" if isinstance(energy, (int, float)) else "-",
+                 _fmt(r.get("cost_per_million_tokens"), "{:.4g}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = entries[0]["resources"]
+    lines.append("")
+    lines.append(f"FLOPs of one token decoded at position {first.get('flops_context')} (linear layers as stored plus "
+                 "attention); nonzero counts only weights that are not zero.")
+    reasons = {e["resources"]["energy_j_per_token"] for e in entries
+               if isinstance(e["resources"].get("energy_j_per_token"), str)}
+    sources = {e["resources"].get("energy_source") for e in entries if e["resources"].get("energy_source")}
+    if sources:
+        lines.append(f"Energy: {', '.join(sorted(sources))}, over the timed decode (the whole package: other "
+                     "processes included).")
+    for reason in sorted(reasons):
+        lines.append(f"Energy: {reason}.")
+    if first.get("price_per_hour") is None:
+        lines.append("Cost: set `evaluate.price_per_hour` to the machine's price for a cost per million tokens.")
+    else:
+        lines.append(f"Cost: at {first['price_per_hour']:g} per hour, decoding one token at a time.")
+    return lines
+
+
+def _giga(v: Any) -> float | None:
+    return None if v is None else v / 1e9

@@ -596,6 +596,8 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
                     art["speed"]["decode_speedup"] = (report["baseline"]["speed"]["decode_ms_per_token"]
                                                       / art["speed"]["decode_ms_per_token"])
         report["notes"].append(_CPU_NOTE)
+    with timings.phase("resource profile"):
+        _resource_profiles(report, ev, baseline, compressed)
     if "cuda" in ev.targets:
         from .evaluate import cuda_target
 
@@ -603,7 +605,20 @@ def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torc
             report["targets"] = {"cuda": cuda_target.measure(
                 baseline, compressed, windows, prompt_tokens=ev.speed.prompt_tokens,
                 decode_tokens=ev.speed.decode_tokens, prefill_tokens=ev.speed.prefill_tokens,
-                repeats=ev.speed.repeats, batch_size=ev.batch_size)}
+                repeats=ev.speed.repeats, batch_size=ev.batch_size, price_per_hour=ev.price_per_hour)}
+
+
+def _resource_profiles(report: dict[str, Any], ev: Any, baseline: torch.nn.Module,
+                       compressed: torch.nn.Module | None) -> None:
+    """FLOPs, speed, memory, download bytes, energy and cost of the baseline and of every artifact."""
+    from .evaluate import resources
+
+    context = ev.speed.prompt_tokens + ev.speed.decode_tokens // 2  # the mean position of the timed decode
+    base_flops = resources.flops_per_token(baseline, context)
+    art_flops = resources.flops_per_token(compressed, context) if compressed is not None else base_flops
+    report["baseline"]["resources"] = resources.profile(report["baseline"], base_flops, ev.price_per_hour)
+    for art in report["artifacts"]:
+        art["resources"] = resources.profile(art, art_flops, ev.price_per_hour)
 
 
 def _generation_check(folder: Path, reference: torch.nn.Module, windows: torch.Tensor, device: str,

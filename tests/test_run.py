@@ -124,11 +124,20 @@ def test_speed_and_memory_are_measured_in_a_fresh_process(model_dir_factory, tmp
     recipe = tiny_recipe(model_dir_factory("llama"), tmp_path / "run")
     recipe["evaluate"]["metrics"] = ["perplexity", "latency", "memory", "size"]
     recipe["evaluate"]["speed"] = {"prompt_tokens": 16, "decode_tokens": 4, "prefill_tokens": 32, "repeats": 1}
+    recipe["evaluate"]["price_per_hour"] = 3.6
     report = run(Recipe.from_dict(recipe)).report
     for row in (report["baseline"], report["artifacts"][0]):
         s = row["speed"]
         assert s["decode_ms_per_token"] > 0 and s["prefill_tokens_per_second"] > 0 and s["peak_rss_mb"] > 50
+        r = row["resources"]  # the resource profile: computation, memory, energy, money, network
+        assert r["flops_per_token"] > 0 and r["flops_context"] == 16 + 2
+        assert r["cost_per_million_tokens"] == pytest.approx(s["decode_ms_per_token"])  # 3.6/h = 1e-3 per s
+        assert r["download_bytes"] == row["size"]["bytes"]
+        energy = r["energy_j_per_token"]
+        assert (isinstance(energy, float) and energy > 0) or energy.startswith("not measurable here")
     assert "kl_divergence" not in report["artifacts"][0]["accuracy"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Resources" in md and "Cost: at 3.6 per hour" in md
 
 
 def test_cuda_target_without_a_gpu_is_reported_as_skipped(model_dir_factory, tmp_path):

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def measure(baseline: nn.Module, compressed: nn.Module | None, windows: torch.Tensor, *, prompt_tokens: int,
-            decode_tokens: int, prefill_tokens: int, repeats: int, batch_size: int = 1) -> dict[str, Any]:
+            decode_tokens: int, prefill_tokens: int, repeats: int, batch_size: int = 1,
+            price_per_hour: float | None = None) -> dict[str, Any]:
     """The target's section of the report; ``{"skipped": why}`` where no suitable GPU is present."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU visible to torch"}
@@ -69,9 +70,12 @@ def measure(baseline: nn.Module, compressed: nn.Module | None, windows: torch.Te
         out["baseline_accuracy"] = compare(TorchRuntime("fp16 baseline", base, "cuda"), [], windows,
                                            batch_size)["fp16 baseline"]
     ref = out["variants"]["fp16 baseline"]["decode_ms_per_token"]
+    from .resources import cost_per_million_tokens
+
     for row in out["variants"].values():
         if "decode_ms_per_token" in row:
             row["decode_speedup"] = ref / row["decode_ms_per_token"]
+            row["cost_per_million_tokens"] = cost_per_million_tokens(row["decode_ms_per_token"], price_per_hour)
     del base
     torch.cuda.empty_cache()
     return out
@@ -175,9 +179,15 @@ def _speed(model: nn.Module, windows: torch.Tensor, prompt_tokens: int, decode_t
                 past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         how = f"transformers forward with KV cache, eager ({e})"
     decode()
+    from .resources import gpu_energy_meter
+
+    meter = gpu_energy_meter()
+    before = None if isinstance(meter, str) else meter.read()
     seconds = _timed(decode, repeats)
+    energy: dict[str, Any] = {"energy": meter} if isinstance(meter, str) else {
+        "energy_j_per_token": (meter.read() - before) / (repeats * decode_tokens), "energy_source": meter.source}
     if dec is None:  # the eager loop's time includes its prompt: take the prompt's forward out
         seconds -= _timed(lambda: model(prompt, use_cache=True), repeats)
     return {"decode_ms_per_token": seconds * 1000 / decode_tokens, "decode_method": how,
             "prefill_tokens_per_s": prefill_tokens / prefill_s, "peak_gpu_bytes": int(peak),
-            "weights_bytes": int(weights)}
+            "weights_bytes": int(weights), **energy}

@@ -11,8 +11,36 @@ import psutil
 import torch
 
 
+class _Energy:
+    """Energy of the timed decode loops, from a hardware counter where one is readable (else the reason)."""
+
+    def __init__(self, device: str) -> None:
+        from compressor.evaluate.resources import cpu_energy_meter, gpu_energy_meter
+
+        self.meter = gpu_energy_meter() if device.startswith("cuda") else cpu_energy_meter()
+        self.joules, self.tokens, self._start = 0.0, 0, None
+
+    def start(self) -> None:
+        self._start = None if isinstance(self.meter, str) else self.meter.read()
+
+    def stop(self, tokens: int) -> None:
+        if self._start is not None:
+            self.joules += self.meter.read() - self._start
+            self.tokens += tokens
+
+    def fields(self) -> dict:
+        if isinstance(self.meter, str) or not self.tokens:
+            return {"energy": self.meter if isinstance(self.meter, str) else "not measured"}
+        return {"energy_j_per_token": round(self.joules / self.tokens, 6), "energy_source": self.meter.source}
+
+
+ENERGY: _Energy | None = None
+
+
 def main() -> None:
     from compressor.recipe import ModelConfig, SpeedConfig
+
+    global ENERGY
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--kind", choices=["model", "checkpoint", "gguf", "onnx"], required=True)
@@ -21,6 +49,7 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     args = ap.parse_args()
     cfg = SpeedConfig.model_validate_json(args.config)
+    ENERGY = _Energy("cpu" if args.kind == "gguf" else args.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if args.kind == "gguf":
@@ -67,13 +96,16 @@ def main() -> None:
         cache, token = out[cache_arg], out.logits[:, -1:].argmax(-1)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
+        ENERGY.start()
         t = time.perf_counter()
         for _ in range(cfg.decode_tokens):
             out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
             cache, token = out[cache_arg], out.logits[:, -1:].argmax(-1)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return (time.perf_counter() - t) / cfg.decode_tokens
+        seconds = time.perf_counter() - t
+        ENERGY.stop(cfg.decode_tokens)
+        return seconds / cfg.decode_tokens
 
     with torch.no_grad():
         model(input_ids=prefill_ids[:, :16], use_cache=False)  # warm-up
@@ -90,6 +122,7 @@ def main() -> None:
         "prompt_tokens": cfg.prompt_tokens,
         "decode_tokens": cfg.decode_tokens,
         "prefill_tokens": cfg.prefill_tokens,
+        **ENERGY.fields(),
     }
     if args.device.startswith("cuda"):
         result["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -123,10 +156,13 @@ def _llama_cpp(path: str, cfg) -> dict:
     def decode() -> float:
         llm.reset()
         llm.eval(prompt_ids)
+        ENERGY.start()
         t = time.perf_counter()
         for _ in range(cfg.decode_tokens):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        return (time.perf_counter() - t) / cfg.decode_tokens
+        seconds = time.perf_counter() - t
+        ENERGY.stop(cfg.decode_tokens)
+        return seconds / cfg.decode_tokens
 
     llm.reset()
     llm.eval(prefill_ids[:16])  # warm-up
@@ -159,11 +195,14 @@ def _onnxruntime(path: str, cfg, device: str) -> dict:
 
     def decode() -> float:
         logits, cache = dec.step(prompt_ids, dec.empty_cache(1), 0)
+        ENERGY.start()
         t = time.perf_counter()
         for i in range(cfg.decode_tokens):
             token = np.array([[int(np.argmax(logits[0, -1]))]])
             logits, cache = dec.step(token, cache, cfg.prompt_tokens + i)
-        return (time.perf_counter() - t) / cfg.decode_tokens
+        seconds = time.perf_counter() - t
+        ENERGY.stop(cfg.decode_tokens)
+        return seconds / cfg.decode_tokens
 
     dec.step(prefill_ids[:, :16], dec.empty_cache(1), 0)  # warm-up
     return _timed_result(cfg, load_s, rss_loaded, prefill, decode, threads, f"{device} (onnxruntime)")
@@ -184,6 +223,7 @@ def _timed_result(cfg, load_s: float, rss_loaded: int, prefill, decode, threads:
         "prompt_tokens": cfg.prompt_tokens,
         "decode_tokens": cfg.decode_tokens,
         "prefill_tokens": cfg.prefill_tokens,
+        **ENERGY.fields(),
     }
 
 
