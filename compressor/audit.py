@@ -592,7 +592,7 @@ _COLUMNS: list[tuple[str, str, str, bool]] = [
     ("speedup", "decode_speedup", "{:.2f}x", True),
     ("prefill tok/s", "prefill_tokens_per_second", "{:.0f}", False),
     ("peak RSS MB", "peak_rss_mb", "{:.0f}", False),
-    ("GFLOPs/tok", "gflops_per_token", "{:.3f}", False),
+    ("GFLOPs/tok", "gflops_per_token", "{:.4g}", False),
     ("J/tok", "energy_j_per_token", "{:.4f}", False),
     ("cost/1M tok", "cost_per_million_tokens", "{:.4g}", False),
 ]

@@ -164,8 +164,8 @@ def _resources_section(report: dict[str, Any]) -> list[str]:
     for e in entries:
         r = e["resources"]
         energy = r.get("energy_j_per_token")
-        cells = [e["name"], _fmt(_giga(r.get("flops_per_token")), "{:.3f}"),
-                 _fmt(_giga(r.get("flops_per_token_nonzero")), "{:.3f}"), _fmt(r.get("decode_tokens_per_s"), "{:.1f}"),
+        cells = [e["name"], _fmt(_giga(r.get("flops_per_token")), "{:.4g}"),
+                 _fmt(_giga(r.get("flops_per_token_nonzero")), "{:.4g}"), _fmt(r.get("decode_tokens_per_s"), "{:.1f}"),
                  _fmt(r.get("prefill_tokens_per_s"), "{:.0f}"), _fmt(r.get("peak_memory_mb"), "{:.0f}"),
                  _fmt(_mb(r.get("download_bytes")), "{:.1f}"),
                  f"{energy:.4f}" if isinstance(energy, (int, float)) else "-",

@@ -151,25 +151,37 @@ class SharedWork:
     made: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
     keep_latest: tuple[str, ...] = ("compressed model", "export statistics")  # whole models: only the latest stays
+    cost: dict[tuple[str, str], float] = field(default_factory=dict)  # seconds each value took to make
+    seconds_made: dict[str, float] = field(default_factory=dict)
+    seconds_saved: dict[str, float] = field(default_factory=dict)  # what re-making the reused values would have cost
 
     def once(self, kind: str, key: Any, make: Any, copied: bool = False) -> Any:
         k = (kind, json.dumps(key, sort_keys=True, default=str))
         if k in self.values:
             self.reused[kind] = self.reused.get(kind, 0) + 1
+            self.seconds_saved[kind] = self.seconds_saved.get(kind, 0.0) + self.cost.get(k, 0.0)
             log.info("%s: reused from an earlier variant", kind)
         else:
             if kind in self.keep_latest:  # a sweep runs variants with equal stages back to back: one is enough
                 for old in [key for key in self.values if key[0] == kind]:
                     del self.values[old]
+            start = time.perf_counter()
             self.values[k] = make()
+            self.cost[k] = time.perf_counter() - start
             self.made[kind] = self.made.get(kind, 0) + 1
+            self.seconds_made[kind] = self.seconds_made.get(kind, 0.0) + self.cost[k]
         return copy.deepcopy(self.values[k]) if copied else self.values[k]
 
     def has(self, kind: str, key: Any) -> bool:
         return (kind, json.dumps(key, sort_keys=True, default=str)) in self.values
 
-    def summary(self) -> dict[str, dict[str, int]]:
-        return {kind: {"computed": n, "reused": self.reused.get(kind, 0)} for kind, n in self.made.items()}
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {kind: {"computed": n, "reused": self.reused.get(kind, 0),
+                       "seconds_computing": round(self.seconds_made.get(kind, 0.0), 1),
+                       "seconds_saved": round(self.seconds_saved.get(kind, 0.0), 1)} for kind, n in self.made.items()}
+
+    def total_saved(self) -> float:
+        return sum(self.seconds_saved.values())
 
 
 def stages_inputs(recipe: Recipe) -> list[Any]:

@@ -247,8 +247,12 @@ def run_sweep(sweep: Sweep, overwrite: bool = False) -> dict[str, Any]:
             continue
         rows.append({"name": v.name, "status": "done", "seconds": round(time.perf_counter() - t, 1),
                      "passed_budget": result.passed, "output": v.recipe.output, "overrides": v.overrides})
+    seconds = time.perf_counter() - start
     record = {"source": sweep.source, "output": str(sweep.output), "variants": rows, "gates": sweep.gates,
-              "seconds": round(time.perf_counter() - start, 1), "shared": shared.summary()}
+              "seconds": round(seconds, 1), "shared": shared.summary(),
+              # Each reuse skipped a computation whose cost was measured when it was made: run alone, the variants
+              # would have paid it again.
+              "seconds_if_run_alone_estimate": round(seconds + shared.total_saved(), 1)}
     ran = [r["output"] for r in rows if r["status"] != "failed"]
     if ran:
         from .audit import audit
