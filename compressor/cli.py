@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,12 +71,17 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--output", "-o", help="Run folder (overrides the recipe's output).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the stage cache (~/.cache/compressor/stages; "
+              "see COMPRESSOR_CACHE_DIR, COMPRESSOR_CACHE_MAX_GB).")
 @common
-def run(recipe: Path, output: str | None, overwrite: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
+def run(recipe: Path, output: str | None, overwrite: bool, no_cache: bool, quiet: bool, verbose: bool,
+        as_json: bool) -> None:
     """Run RECIPE: compress, export, evaluate and report."""
     from .recipe import Recipe, RecipeError
 
     _setup_logging(quiet, verbose)
+    if no_cache:
+        os.environ["COMPRESSOR_CACHE"] = "off"
     try:
         r = Recipe.from_yaml(recipe)
         if output:
@@ -110,14 +116,17 @@ def run(recipe: Path, output: str | None, overwrite: bool, quiet: bool, verbose:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel groups for the process and ray backends (default: the CPU count).")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the stage cache.")
 @common
 def sweep(sweep_file: Path, overwrite: bool, dry_run: bool, backend: str, workers: int | None, address: str | None,
-          quiet: bool, verbose: bool, as_json: bool) -> None:
+          no_cache: bool, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Run every variant of SWEEP (a base recipe plus a grid and/or list of overrides), sharing the work they have
     in common, then audit them side by side. Exits 3 when gates are set and no variant meets them."""
     from .sweep import SweepError, finished, load_sweep, run_sweep
 
     _setup_logging(quiet, verbose)
+    if no_cache:
+        os.environ["COMPRESSOR_CACHE"] = "off"  # inherited by process and local Ray workers
     try:
         s = load_sweep(sweep_file)
     except SweepError as e:

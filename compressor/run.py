@@ -215,6 +215,30 @@ def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = 
     return result
 
 
+def _cached_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, baseline: torch.nn.Module | None,
+                   distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings) -> list[dict[str, Any]]:
+    """The stages' reports, with `model` changed by them: from the disk cache when an earlier run stored this
+    exact result (compressor.stage_cache), else computed and stored."""
+    from . import stage_cache
+
+    if not (stage_cache.enabled() and stage_cache.cacheable(recipe)):
+        return _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)
+    root = stage_cache.default_root()
+    with timings.phase("stage cache: look up"):
+        digest = stage_cache.key(recipe, model, ctx.calibration, device)
+        config_before = model.config.to_dict()
+        reports = stage_cache.load(root, digest, model)
+    if reports is not None:
+        return reports
+    reports = _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)
+    try:
+        with timings.phase("stage cache: store"):
+            stage_cache.save(root, digest, model, config_before, reports)
+    except OSError as e:  # a full or read-only disk costs the cache, not the run
+        log.warning("stage cache: not stored (%s)", e)
+    return reports
+
+
 def _apply_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, baseline: torch.nn.Module | None,
                   distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings) -> list[dict[str, Any]]:
     teachers_needed = {s.distill.teacher_stage for s in recipe.stages if isinstance(s, DistillStage)}
@@ -314,7 +338,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     with timings.phase("stages (reused from an earlier variant)" if reused else "stages"):
         model, stage_reports = _once(
             shared, "compressed model", stages_key,
-            lambda: (model, _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)),
+            lambda: (model, _cached_stages(recipe, model, ctx, baseline, distill_windows, device, timings)),
             copied=True)
     # computed once per compressed model, shared by the exports (of every variant) that need them
     stats: dict[str, Any] = _once(shared, "export statistics", stages_key, dict)
@@ -337,6 +361,10 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     if reused:
         report["notes"].append("the stages' result (and their reports) came from an earlier run of the sweep with "
                                "the same model, calibration, stages and seed")
+    cached = {r["from_cache"] for r in stage_reports if r.get("from_cache")}
+    if cached:
+        report["notes"].append(f"the stages' result (and their reports) came from the stage cache ({cached.pop()}): "
+                               "an earlier run with the same model weights, calibration, stages, seed and code")
     failures: list[str] = []
     if recipe.evaluate:
         _evaluate(recipe, report, work, baseline, model, windows, device, params, timings, tokenizer, shared)

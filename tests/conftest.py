@@ -4,9 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Tests start from nothing: the stage cache (compressor.stage_cache) is on only in the tests that turn it on.
+os.environ["COMPRESSOR_CACHE"] = "off"
 
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter (tests/test_kernels.py); it

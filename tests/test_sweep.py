@@ -119,8 +119,8 @@ def test_a_sweep_shares_work_matches_runs_alone_and_resumes(model_dir_factory, t
 
 
 def _accuracies(record, root):
-    return {r["name"]: json.loads((root / "variants" / r["name"] / "report.json").read_text())["artifacts"][0]["accuracy"]
-            for r in record["variants"]}
+    return {r["name"]: json.loads((root / "variants" / r["name"] / "report.json").read_text())
+            ["artifacts"][0]["accuracy"] for r in record["variants"]}
 
 
 @pytest.mark.parametrize("backend", ["process", "ray"])
