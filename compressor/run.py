@@ -225,26 +225,37 @@ def _cached_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, ba
         return _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)
     root = stage_cache.default_root()
     with timings.phase("stage cache: look up"):
-        digest = stage_cache.key(recipe, model, ctx.calibration, device)
+        digests = stage_cache.keys(recipe, model, ctx.calibration, device)
         config_before = model.config.to_dict()
-        reports = stage_cache.load(root, digest, model)
-    if reports is not None:
-        return reports
-    reports = _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)
-    try:
-        with timings.phase("stage cache: store"):
-            stage_cache.save(root, digest, model, config_before, reports)
-    except OSError as e:  # a full or read-only disk costs the cache, not the run
-        log.warning("stage cache: not stored (%s)", e)
+        reports: list[dict[str, Any]] = []
+        for done in range(len(digests), 0, -1):  # the longest stored prefix of the stage list
+            found = stage_cache.load(root, digests[done - 1], model)
+            if found is not None:
+                reports = found
+                break
+    stored = True
+    for i in range(len(reports), len(recipe.stages)):
+        reports += _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings, only=i)
+        if stored:
+            try:
+                with timings.phase("stage cache: store"):
+                    stage_cache.save(root, digests[i], model, config_before, reports)
+            except OSError as e:  # a full or read-only disk costs the cache, not the run
+                log.warning("stage cache: not stored (%s)", e)
+                stored = False
     return reports
 
 
 def _apply_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, baseline: torch.nn.Module | None,
-                  distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings) -> list[dict[str, Any]]:
+                  distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings,
+                  only: int | None = None) -> list[dict[str, Any]]:
+    """Apply the recipe's stages (or stage `only`) to `model`; their reports."""
     teachers_needed = {s.distill.teacher_stage for s in recipe.stages if isinstance(s, DistillStage)}
     teachers: dict[int, torch.nn.Module] = {}
     stage_reports = []
     for i, stage in enumerate(recipe.stages):
+        if only is not None and i != only:
+            continue
         if i in teachers_needed:  # the model before this stage teaches a later distill stage
             teachers[i] = baseline if i == 0 and baseline is not None else _teacher_copy(model, i, recipe, device)
         kind = type(stage).__name__.removesuffix("Stage").lower()

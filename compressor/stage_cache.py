@@ -3,9 +3,10 @@ export) does not redo hours of calibration.
 
 An entry is keyed by the SHA-256 of everything the result depends on: the loaded model's weights, the calibration
 windows, the stages, the seed, the device, the torch version and the compressor's own source code (any code change
-starts afresh). It holds the model's state (safetensors), which of its layers are quantized and how, the config
-fields the stages changed, and the stage reports. Only stage lists that keep the model's module layout (quantize,
-prune) are cached; structured pruning, low-rank and distillation are always recomputed.
+starts afresh). Every prefix of the stage list has its own entry, so recipes that begin with the same stages share
+them. An entry holds the model's state (safetensors), which of its layers are quantized and how, the config fields
+the stages changed, and the stage reports. Only stage lists that keep the model's module layout (quantize, prune)
+are cached; structured pruning, low-rank and distillation are always recomputed.
 
 Location: ``$COMPRESSOR_CACHE_DIR`` (default ``~/.cache/compressor/stages``); size cap ``$COMPRESSOR_CACHE_MAX_GB``
 (default 20): the least recently used entries go first. ``COMPRESSOR_CACHE=off`` (or ``--no-cache``) disables it.
@@ -51,18 +52,26 @@ def cacheable(recipe: Recipe) -> bool:
     return bool(recipe.stages) and all(isinstance(s, CACHEABLE) for s in recipe.stages)
 
 
-def key(recipe: Recipe, model: nn.Module, calibration: torch.Tensor | None, device: str) -> str:
+def keys(recipe: Recipe, model: nn.Module, calibration: torch.Tensor | None, device: str) -> list[str]:
+    """One key per prefix of the stage list: ``keys[i]`` names the model after stages 0..i, so recipes that share
+    their first stages (a 2:4 prune, then 4 or 8 bits) share those stages' result."""
     from .run import stages_inputs
 
+    model_cfg, calib_cfg, stages, seed = stages_inputs(recipe)
     h = hashlib.sha256()
-    h.update(json.dumps([stages_inputs(recipe), device, torch.__version__], sort_keys=True, default=str).encode())
+    h.update(json.dumps([model_cfg, calib_cfg, seed, device, torch.__version__], sort_keys=True,
+                        default=str).encode())
     h.update(_code_fingerprint().encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(_tensor_bytes(t))
     if calibration is not None:
         h.update(_tensor_bytes(calibration))
-    return h.hexdigest()
+    out = []
+    for stage in stages:
+        h.update(json.dumps(stage, sort_keys=True, default=str).encode())
+        out.append(h.copy().hexdigest())
+    return out
 
 
 def load(root: Path, digest: str, model: nn.Module) -> list[dict[str, Any]] | None:

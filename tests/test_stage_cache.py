@@ -38,6 +38,22 @@ def test_second_run_reuses_the_stages_and_reports_the_same(cache_dir, model_dir_
     assert len(list(cache_dir.iterdir())) == 2
 
 
+def test_recipes_that_begin_with_the_same_stages_share_them(cache_dir, model_dir_factory, tmp_path, monkeypatch):
+    prune = {"prune": {"method": "sparsegpt", "pattern": "2:4"}}
+    spec = tiny_recipe(model_dir_factory("llama"), tmp_path / "w4",
+                       stages=[prune, {"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}])
+    run(Recipe.from_dict(spec))
+    assert len(list(cache_dir.iterdir())) == 2  # after the prune, and after both stages
+    w8 = {**spec, "output": str(tmp_path / "w8"),
+          "stages": [prune, {"quantize": {"method": "rtn", "bits": 8, "group_size": 32}}]}
+    report = run(Recipe.from_dict(w8)).report
+    assert "from_cache" in report["stages"][0] and "from_cache" not in report["stages"][1]
+    assert len(list(cache_dir.iterdir())) == 3
+    monkeypatch.setenv("COMPRESSOR_CACHE", "off")  # computed from scratch: the same numbers
+    alone = run(Recipe.from_dict({**w8, "output": str(tmp_path / "w8-alone")})).report
+    assert alone["artifacts"][0]["accuracy"] == report["artifacts"][0]["accuracy"]
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma"])
 def test_restored_models_compute_what_the_stages_made(cache_dir, family, tmp_path):
     """AWQ (scales folded into norms), a quantized head (untied from the embedding), act-order and 2:4 pruning."""
@@ -49,7 +65,7 @@ def test_restored_models_compute_what_the_stages_made(cache_dir, family, tmp_pat
                                           {"quantize": {"method": "awq", "bits": 4, "group_size": 32,
                                                         "lm_head": True}}]})
     model = copy.deepcopy(base)
-    digest = stage_cache.key(recipe, model, calib, "cpu")
+    digest = stage_cache.keys(recipe, model, calib, "cpu")[-1]
     before = model.config.to_dict()
     ctx = StageContext(calibration=calib, batch_size=2, device="cpu")
     reports = [apply_stage(s, model, ctx).to_dict() for s in recipe.stages]
