@@ -48,13 +48,16 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
     # The next tile's words are requested before this tile is computed, so a load is always in flight.
-    words_next = tl.load(w_ptrs + t_start * SUBR * N, mask=n_mask[None, :] & (t_start < tiles), other=0)
+    # Masks are built from vectors only (scalar conditions broadcast into them): some Triton versions reject a
+    # scalar in a load mask.
+    words_next = tl.load(w_ptrs + t_start * SUBR * N, mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :],
+                         other=0)
     for i in range(0, tiles_per_split):
         # The last split may run past the end: such tiles load nothing (rows >= K are masked below).
         t = t_start + i
         words = words_next
-        words_next = tl.load(w_ptrs + (t + 1) * SUBR * N,
-                             mask=n_mask[None, :] & (t + 1 < tiles) & (i + 1 < tiles_per_split), other=0)
+        more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
+        words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
         if ONE_DOT:
             # The whole tile at once: shift j of the words holds rows j*SUB.., so [PACK, SUB, N] is the tile's rows
             # in order; one dequantization, one layout change and one tensor-core product per tile.
@@ -85,7 +88,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
                 rows = row0 + offs_r
                 k_mask = rows < K
                 g = row0 // group_size
-                sz_mask = n_mask & (row0 < K)
+                sz_mask = n_mask & ((row0 + 0 * offs_n) < K)
                 s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
                 z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
                 if HAS_PERM:
@@ -106,7 +109,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
                 # group's scale is applied once per output instead of once per weight.
                 acc += tl.dot(xv, d) * s.to(tl.float32)[None, :]
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0)
+        b = tl.load(bias_ptr + offs_n, mask=n_mask & ((pid_k + 0 * offs_n) == 0), other=0.0)
         acc += b.to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
