@@ -215,6 +215,20 @@ def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = 
     return result
 
 
+def _check_finite(model: torch.nn.Module, model_id: str) -> None:
+    """NaN or infinite weights poison every statistic and score computed after them: refuse them by name."""
+    bad = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name} ({n} non-finite of {t.numel()})")
+    if bad:
+        raise RunError(f"model {model_id!r}: {len(bad)} tensor(s) hold NaN or infinite values: "
+                       + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+                       + "; the checkpoint is damaged or was saved from a diverged training run")
+
+
 def _cached_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, baseline: torch.nn.Module | None,
                    distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings) -> list[dict[str, Any]]:
     """The stages' reports, with `model` changed by them: from the disk cache when an earlier run stored this
@@ -299,6 +313,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     params = models.parameter_count(model)
     log.info("model: %s (%s, %.1fM parameters)", recipe.model.id, model.config.model_type, params / 1e6)
 
+    _check_finite(model, recipe.model.id)
     _check_stages(recipe, model)
     quant = recipe.quantize_configs()
     if quant:
