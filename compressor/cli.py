@@ -82,6 +82,9 @@ def run(recipe: Path, output: str | None, overwrite: bool, no_cache: bool, quiet
     _setup_logging(quiet, verbose)
     if no_cache:
         os.environ["COMPRESSOR_CACHE"] = "off"
+    from .distributed import init_from_env
+
+    init_from_env()  # under torchrun: data-parallel calibration, rank 0 writes the run
     try:
         r = Recipe.from_yaml(recipe)
         if output:

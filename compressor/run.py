@@ -197,6 +197,13 @@ def _once(shared: SharedWork | None, kind: str, key: Any, make: Any, copied: boo
 def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = None) -> RunResult:
     """Run a recipe end to end; the run folder appears at `recipe.output` only when everything is written. With
     `shared`, work another run already did with the same inputs is reused (see SharedWork)."""
+    from .distributed import world
+
+    rank, size = world()
+    if size > 1:
+        _check_data_parallel(recipe)
+        if rank > 0:  # a helper of rank 0: calibrates its share of the batches, writes nothing
+            return _help_calibrate(recipe)
     out = preflight(recipe, overwrite)
     device = _device(recipe.device)
     torch.manual_seed(recipe.seed)
@@ -213,6 +220,32 @@ def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = 
         raise
     result.output = out
     return result
+
+
+def _check_data_parallel(recipe: Recipe) -> None:
+    """Under torchrun every process runs the stages on its share of the calibration batches, and statistics are
+    summed before each layer changes; stages that train or rank layers on their own data would diverge."""
+    for i, stage in enumerate(recipe.stages):
+        mixed = isinstance(stage, QuantizeStage) and stage.quantize.mixed is not None
+        if not isinstance(stage, (QuantizeStage, PruneStage)) or mixed:
+            kind = "quantize with mixed" if mixed else type(stage).__name__.removesuffix("Stage").lower()
+            raise RunError(f"stages[{i}]: {kind} does not run data-parallel; start one process (not torchrun) for "
+                           "this recipe. Data-parallel calibration covers quantize (rtn, gptq, awq) and prune")
+
+
+def _help_calibrate(recipe: Recipe) -> RunResult:
+    """A data-parallel helper process: the same model, windows and stages as rank 0, no files, no evaluation."""
+    device = _device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    model, tokenizer, _ = models.load(recipe.model, device=device)
+    cfg = recipe.calibration
+    calib = None
+    if cfg is not None:  # the windows rank 0 draws (seeded): the runner then takes this process's share
+        calib = (data.generated_windows(model, tokenizer, cfg, device) if cfg.source == data.MODEL_SOURCE
+                 else data.calibration_windows(tokenizer, cfg))
+    ctx = StageContext(calibration=calib, batch_size=cfg.batch_size if cfg else 8, device=device)
+    reports = [apply_stage(stage, model, ctx).to_dict() for stage in recipe.stages]
+    return RunResult(output=Path(recipe.output), report={"stages": reports, "helper": True}, passed=True)
 
 
 def _check_finite(model: torch.nn.Module, model_id: str) -> None:
@@ -235,7 +268,10 @@ def _cached_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, ba
     exact result (compressor.stage_cache), else computed and stored."""
     from . import stage_cache
 
-    if not (stage_cache.enabled() and stage_cache.cacheable(recipe)):
+    from .distributed import world
+
+    # Under data parallelism every process must calibrate: one loading from the cache would leave the others waiting.
+    if not (stage_cache.enabled() and stage_cache.cacheable(recipe)) or world()[1] > 1:
         return _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)
     root = stage_cache.default_root()
     with timings.phase("stage cache: look up"):

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .distributed import shard, world
 from .models import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,17 @@ class LayerwiseStage(Protocol):
 
 
 class HessianAccumulator:
-    """H = 2/n Σ x xᵀ over all n input rows (tokens), accumulated in float32 on the input's device."""
+    """H = 2/n Σ x xᵀ over all n input rows (tokens) on the input's device.
+
+    Each batch's product is computed in float32 and added to a float64 sum: the sum then hardly depends on the order
+    of the batches, so processes that each took some batches (compressor.distributed) and add their sums get the
+    float32 Hessian one process gets."""
 
     CHUNKS = 4  # xᵀx is symmetric: computing only block rows' upper parts costs (CHUNKS+1)/(2·CHUNKS) of a GEMM
 
     def __init__(self, features: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(features, features, device=device)
+        self.sum = torch.zeros(features, features, device=device, dtype=torch.float64)
+        self._batch = torch.zeros(features, features, device=device)
         self.rows = 0
         step = -(-features // self.CHUNKS)
         self.bounds = [(a, min(a + step, features)) for a in range(0, features, step)]
@@ -59,15 +65,22 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         for a, b in self.bounds:  # upper triangle by block rows; the lower one is mirrored when read
-            self.sum[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+            self._batch[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=0)
+            self.sum[a:b, a:] += self._batch[a:b, a:]
         self.rows += x.shape[0]
+
+    def all_reduce(self) -> None:
+        from .distributed import all_reduce_sum
+
+        all_reduce_sum(self.sum)
+        self.rows = int(all_reduce_sum(torch.tensor([self.rows], dtype=torch.float64, device=self.sum.device)))
 
     @property
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise ValueError("no calibration tokens reached this layer")
-        upper = torch.triu(self.sum)
-        return (upper + torch.triu(self.sum, diagonal=1).t()) * (2.0 / self.rows)
+        s = self.sum.float()
+        return (torch.triu(s) + torch.triu(s, diagonal=1).t()) * (2.0 / self.rows)
 
 
 class _Stop(Exception):
@@ -116,6 +129,16 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
         log.info("%s: block %d/%d done, elapsed %.0fs, ETA %.0fs", label, index + 1, len(layers), elapsed, eta)
 
 
+def _combine(acc: Accumulator) -> None:
+    """Sum a statistic over the processes of a data-parallel run, so that each changes the layer identically."""
+    if world()[1] == 1:
+        return
+    if not hasattr(acc, "all_reduce"):
+        raise RuntimeError(f"{type(acc).__name__}: this statistic cannot be combined across processes; run this "
+                           "stage in one process")
+    acc.all_reduce()
+
+
 def _prefix(model: nn.Module, block: nn.Module) -> str:
     for name, module in model.named_modules():
         if module is block:
@@ -151,7 +174,7 @@ def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tens
         layer.forward = _passthrough  # instance attribute: hooks still run, the block's math does not
     try:
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            for batch in shard(list(windows.split(batch_size))):  # this process's batches (all of them alone)
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _Stop:
@@ -218,6 +241,7 @@ def _process_block(block: nn.Module, prefix: str, groups: list[list[str]], captu
         for h in handles:
             h.remove()
     for m, acc in zip(modules, accs):
+        _combine(acc)
         stage.process(index, block, {n: (mod, acc) for n, mod in m.items()})
 
 
@@ -272,6 +296,7 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
         for h in handles:
             h.remove()
     del resume, inputs
+    _combine(acc)
     stage.process(index, block, {n: (m, acc) for n, m in modules.items()})
     if child is not first and all(len(c) == 1 for c in calls):  # else: no shortcut for the next group
         holder.append(_Resume(child_name, [c[0] for c in calls]))

@@ -105,6 +105,11 @@ class _SquareSum:
     def add(self, x: torch.Tensor) -> None:
         self.sum += x.reshape(-1, x.shape[-1]).float().square().sum(dim=0)
 
+    def all_reduce(self) -> None:
+        from ..distributed import all_reduce_sum
+
+        all_reduce_sum(self.sum)
+
 
 class _PruneStage:
     """A layerwise stage over the chosen linears."""
