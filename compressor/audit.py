@@ -21,6 +21,7 @@ import yaml
 
 from . import __version__
 from .fileio import atomic_write_text
+from .report import cell
 
 AUDIT_FILES = ("audit.json", "audit.md", "audit.html")
 
@@ -598,10 +599,6 @@ _COLUMNS: list[tuple[str, str, str, bool]] = [
 ]
 
 
-def _fmt(value: Any, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
-
-
 def _verdict(row: Mapping[str, Any], gates: Mapping[str, float]) -> str:
     if not gates:
         return ""
@@ -618,7 +615,7 @@ def text_table(result: Mapping[str, Any]) -> str:
     cols = [c for c in _COLUMNS if c[3]]
     table = [[c[0] for c in cols] + ["pareto"] + (["gates"] if result["gates"] else [])]
     for r in result["rows"]:
-        table.append([_fmt(r[f], fmt) for _, f, fmt, _ in cols] + [_pareto_text(r) or "-"]
+        table.append([cell(r[f], fmt) for _, f, fmt, _ in cols] + [_pareto_text(r) or "-"]
                      + ([_verdict(r, result["gates"])] if result["gates"] else []))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
@@ -636,8 +633,8 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
         b = rows[result["best"]["index"]]
         what = "Best row meeting the gates" if gates else "Lowest perplexity (no gates given)"
         lines.append(f"{what}: #{b['index']} {b['run']} / {b['artifact']} on {b['runtime']}: perplexity "
-                     f"{_fmt(b['perplexity'], '{:.3f}')} ({_fmt(b['perplexity_increase'], '{:+.2%}')}), "
-                     f"size {_fmt(b['size_mb'], '{:.3g}')} MB")
+                     f"{cell(b['perplexity'], '{:.3f}')} ({cell(b['perplexity_increase'], '{:+.2%}')}), "
+                     f"size {cell(b['size_mb'], '{:.3g}')} MB")
     return lines
 
 
@@ -658,14 +655,14 @@ def markdown(result: Mapping[str, Any], out: Path) -> str:
              f"- Runs: {len(result['runs'])}, rows (run × artifact): {len(result['rows'])}",
              f"- Evaluation: {result['evaluation']}"]
     for b in result["baselines"]:
-        lines.append(f"- Baseline ({b['run']}): {b['description']}: perplexity {_fmt(b['perplexity'], '{:.3f}')}, "
-                     f"{_fmt(b['size_mb'], '{:.3g}')} MB, decode {_fmt(b['decode_ms_per_token'], '{:.2f}')} ms/token")
+        lines.append(f"- Baseline ({b['run']}): {b['description']}: perplexity {cell(b['perplexity'], '{:.3f}')}, "
+                     f"{cell(b['size_mb'], '{:.3g}')} MB, decode {cell(b['decode_ms_per_token'], '{:.2f}')} ms/token")
     lines += [f"- {s}" for s in summary_lines(result)]
     lines += ["- Plots: audit.html (size vs perplexity, decode latency vs perplexity, KL vs bits per weight)", ""]
     head = [c[0] for c in _COLUMNS] + ["Pareto", "gate failures", "links"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        cells = [_fmt(r[f], fmt).replace("|", "\\|") for _, f, fmt, _ in _COLUMNS]
+        cells = [cell(r[f], fmt).replace("|", "\\|") for _, f, fmt, _ in _COLUMNS]
         fails = "; ".join(r["gate_failures"]) or ("pass" if result["gates"] else "")
         links = f"[run]({_rel(r['run_dir'], out)})" + (f" · [recipe]({_rel(r['recipe'], out)})" if r["recipe"]
                                                         else "")
@@ -702,7 +699,7 @@ def to_html(result: Mapping[str, Any], plots: Sequence[Plot], out: Path) -> str:
              f"<li>Evaluation: {e(str(result['evaluation']))}</li>"]
     for b in result["baselines"]:
         parts.append(f"<li>Baseline ({e(b['run'])}): {e(str(b['description']))}: perplexity "
-                     f"{_fmt(b['perplexity'], '{:.3f}')}, {_fmt(b['size_mb'], '{:.3g}')} MB</li>")
+                     f"{cell(b['perplexity'], '{:.3f}')}, {cell(b['size_mb'], '{:.3g}')} MB</li>")
     parts += [f"<li><b>{e(s)}</b></li>" for s in summary_lines(result)] + ["</ul>", "<h2>Plots</h2>",
                                                                             '<div class="plots">']
     for p in plots:
@@ -721,7 +718,7 @@ def to_html(result: Mapping[str, Any], plots: Sequence[Plot], out: Path) -> str:
     text_cols = {"run", "artifact", "format", "runtime", "stages"}
     for r in result["rows"]:
         cls = "best" if r["index"] == best else "fail" if not r["passes_gates"] else ""
-        cells = [f'<td class="t">{e(_fmt(r[f], fmt))}</td>' if f in text_cols else f"<td>{e(_fmt(r[f], fmt))}</td>"
+        cells = [f'<td class="t">{e(cell(r[f], fmt))}</td>' if f in text_cols else f"<td>{e(cell(r[f], fmt))}</td>"
                  for _, f, fmt, _ in _COLUMNS]
         gates = "<br>".join(e(f) for f in r["gate_failures"]) or ("pass" if result["gates"] else "")
         links = f'<a href="{e(_rel(r["run_dir"], out) or "")}">run</a>'

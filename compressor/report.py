@@ -140,8 +140,8 @@ def _cuda_section(report: dict[str, Any]) -> list[str]:
         acc = r.get("accuracy", {"perplexity": base_ppl})
         cells = [name, f"{r['decode_ms_per_token']:.3f}", f"{r['decode_speedup']:.2f}x",
                  f"{r['prefill_tokens_per_s']:.0f}", f"{r['peak_gpu_bytes'] / 1e6:.0f}",
-                 _fmt(acc.get("perplexity"), "{:.3f}"), _fmt(acc.get("kl_divergence"), "{:.4f}"),
-                 _fmt(acc.get("top1_agreement"), "{:.3f}"), r["decode_method"], r.get("note", "")]
+                 cell(acc.get("perplexity"), "{:.3f}"), cell(acc.get("kl_divergence"), "{:.4f}"),
+                 cell(acc.get("top1_agreement"), "{:.3f}"), r["decode_method"], r.get("note", "")]
         lines.append("| " + " | ".join(cells) + " |")
     cpu = [f"{a['name']} {a['speed']['decode_speedup']:.2f}x" for a in report["artifacts"]
            if a.get("speed", {}).get("decode_speedup")]
@@ -150,7 +150,8 @@ def _cuda_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _fmt(v: Any, fmt: str) -> str:
+def cell(v: Any, fmt: str) -> str:
+    """A number formatted for a table, "-" where it was not measured."""
     return "-" if v is None else fmt.format(v)
 
 
@@ -164,12 +165,12 @@ def _resources_section(report: dict[str, Any]) -> list[str]:
     for e in entries:
         r = e["resources"]
         energy = r.get("energy_j_per_token")
-        cells = [e["name"], _fmt(_giga(r.get("flops_per_token")), "{:.4g}"),
-                 _fmt(_giga(r.get("flops_per_token_nonzero")), "{:.4g}"), _fmt(r.get("decode_tokens_per_s"), "{:.1f}"),
-                 _fmt(r.get("prefill_tokens_per_s"), "{:.0f}"), _fmt(r.get("peak_memory_mb"), "{:.0f}"),
-                 _fmt(_mb(r.get("download_bytes")), "{:.1f}"),
+        cells = [e["name"], cell(_giga(r.get("flops_per_token")), "{:.4g}"),
+                 cell(_giga(r.get("flops_per_token_nonzero")), "{:.4g}"), cell(r.get("decode_tokens_per_s"), "{:.1f}"),
+                 cell(r.get("prefill_tokens_per_s"), "{:.0f}"), cell(r.get("peak_memory_mb"), "{:.0f}"),
+                 cell(_mb(r.get("download_bytes")), "{:.1f}"),
                  f"{energy:.4f}" if isinstance(energy, (int, float)) else "-",
-                 _fmt(r.get("cost_per_million_tokens"), "{:.4g}")]
+                 cell(r.get("cost_per_million_tokens"), "{:.4g}")]
         lines.append("| " + " | ".join(cells) + " |")
     first = entries[0]["resources"]
     lines.append("")

@@ -233,16 +233,20 @@ def _check_data_parallel(recipe: Recipe) -> None:
                            "this recipe. Data-parallel calibration covers quantize (rtn, gptq, awq) and prune")
 
 
+def _calibration_windows(cfg: Any, model: torch.nn.Module, tokenizer: Any, device: str) -> torch.Tensor:
+    if cfg.source == data.MODEL_SOURCE:
+        return data.generated_windows(model, tokenizer, cfg, device)
+    return data.calibration_windows(tokenizer, cfg)
+
+
 def _help_calibrate(recipe: Recipe) -> RunResult:
     """A data-parallel helper process: the same model, windows and stages as rank 0, no files, no evaluation."""
     device = _device(recipe.device)
     torch.manual_seed(recipe.seed)
     model, tokenizer, _ = models.load(recipe.model, device=device)
     cfg = recipe.calibration
-    calib = None
-    if cfg is not None:  # the windows rank 0 draws (seeded): the runner then takes this process's share
-        calib = (data.generated_windows(model, tokenizer, cfg, device) if cfg.source == data.MODEL_SOURCE
-                 else data.calibration_windows(tokenizer, cfg))
+    # the windows rank 0 draws (seeded): the runner then takes this process's share
+    calib = _calibration_windows(cfg, model, tokenizer, device) if cfg is not None else None
     ctx = StageContext(calibration=calib, batch_size=cfg.batch_size if cfg else 8, device=device)
     reports = [apply_stage(stage, model, ctx).to_dict() for stage in recipe.stages]
     return RunResult(output=Path(recipe.output), report={"stages": reports, "helper": True}, passed=True)
@@ -377,14 +381,9 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     _check_lengths(recipe, model)
 
     with timings.phase("prepare data"):
-        def sample(cfg):
-            if cfg.source == data.MODEL_SOURCE:
-                return data.generated_windows(model, tokenizer, cfg, device)
-            return data.calibration_windows(tokenizer, cfg)
-
         def windows_for(cfg):
             return _once(shared, "calibration windows", [model_key, cfg.model_dump(mode="json")],
-                         lambda: sample(cfg))
+                         lambda: _calibration_windows(cfg, model, tokenizer, device))
 
         calib = windows_for(recipe.calibration) if recipe.calibration else None
         windows = _once(shared, "evaluation windows", [model_key, recipe.evaluate.data.model_dump(mode="json")],

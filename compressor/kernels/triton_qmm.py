@@ -28,6 +28,19 @@ log = logging.getLogger(__name__)
 
 
 @triton.jit
+def _activations(x_ptr, perm_ptr, offs_m, m_mask, rows, K, stride_xm, HAS_PERM: tl.constexpr):
+    """The activations [BLOCK_M, len(rows)] that multiply weight rows `rows` (packed order: through `perm` when
+    the weights are stored in activation order); rows past K read zeros."""
+    k_mask = rows < K
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + rows, mask=k_mask, other=0)
+    else:
+        cols = rows
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
                 M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
                 BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -68,14 +81,8 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
             sz_off = (row0 // group_size)[:, None, None] * N + offs_n[None, None, :]
             s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0)
             z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0)
-            rows = t * SUBR * PACK + tl.arange(0, SUBR * PACK)
-            k_mask = rows < K
-            if HAS_PERM:
-                cols = tl.load(perm_ptr + rows, mask=k_mask, other=0)
-            else:
-                cols = rows
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            xv = _activations(x_ptr, perm_ptr, offs_m, m_mask, t * SUBR * PACK + tl.arange(0, SUBR * PACK), K,
+                              stride_xm, HAS_PERM)
             if MAGIC != 0:
                 h = (q | MAGIC).to(tl.int16).to(xv.dtype, bitcast=True)
                 w = (h - (z + OFFSET).to(xv.dtype)) * s.to(xv.dtype)
@@ -85,18 +92,11 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
         else:
             for j in tl.static_range(PACK):
                 row0 = t * SUBR * PACK + j * SUBR
-                rows = row0 + offs_r
-                k_mask = rows < K
                 g = row0 // group_size
                 sz_mask = n_mask & ((row0 + 0 * offs_n) < K)
                 s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
                 z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0)
-                if HAS_PERM:
-                    cols = tl.load(perm_ptr + rows, mask=k_mask, other=0)
-                else:
-                    cols = rows
-                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                xv = _activations(x_ptr, perm_ptr, offs_m, m_mask, row0 + offs_r, K, stride_xm, HAS_PERM)
                 q = (words >> (j * BITS)) & MASK
                 if MAGIC != 0:
                     # OFFSET + q by writing q into the mantissa of OFFSET: no integer-to-float conversion, which
