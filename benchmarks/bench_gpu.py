@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -46,6 +47,9 @@ def main() -> int:
     ap.add_argument("--sections", default="ceilings,kernels,sparse,decode")
     ap.add_argument("--kernel-bits", default="4,8", help="weight widths of the kernel table")
     ap.add_argument("--kernel-s", type=float, default=None, help="stop starting kernel shapes after this long")
+    ap.add_argument("--batches", default="1,4,16,64", help="activation rows of the kernel table")
+    ap.add_argument("--untuned-prefill", action="store_true",
+                    help="prefill of the quantized model with the default kernel configurations (saves tuning time)")
     args = ap.parse_args()
     if args.cpu_check:
         from compressor.kernels import interpreter
@@ -59,10 +63,18 @@ def main() -> int:
         print("no CUDA GPU: run with --cpu-check for the CPU dry run")
         return 2
     results: dict = {"env": env(torch, cuda), "budget_s": args.budget_s,
-                     "kernel_bits": [int(b) for b in args.kernel_bits.split(",")], "kernel_s": args.kernel_s}
+                     "kernel_bits": [int(b) for b in args.kernel_bits.split(",")], "kernel_s": args.kernel_s,
+                     "batches": [int(b) for b in args.batches.split(",")], "sections": args.sections.split(","),
+                     "prefill_tuning": not args.untuned_prefill}
     out_file = args.out / "gpu_results.json"
 
     def save() -> None:
+        from compressor.kernels import triton_available
+
+        if triton_available():  # every candidate's time per tuned (batch bucket, shape): why a configuration won
+            from compressor.kernels.triton_qmm import TUNING_LOG
+
+            results["tuning"] = {str(k): v[:8] for k, v in TUNING_LOG.items()}
         out_file.write_text(json.dumps(results, indent=2, default=str))
 
     sections = args.sections.split(",")
@@ -157,7 +169,7 @@ def kernels(torch, cuda, results, deadline, store) -> None:
 
     dev = "cuda" if cuda else "cpu"
     dims = (4096, 8192, 14336) if cuda else (256, 448)
-    batches = (1, 4, 16, 64) if cuda else (1, 16)
+    batches = results["batches"] if cuda else (1, 16)
     rows = store.setdefault("rows", [])
     store["timing"] = ("GPU time per call inside a CUDA graph, each call reading its own copy of the weights "
                        "(copies together >= 256 MB, so cold in L2); median of 5 replays" if cuda else "CPU wall clock")
@@ -358,6 +370,9 @@ def decode(torch, cuda, results, deadline, store) -> None:
             sync()
             ms.append((time.perf_counter() - t) * 1000 / steps)
         ids = torch.randint(0, model.config.vocab_size, (1, 512 if cuda else 16), device=dev)
+        untuned = not results["prefill_tuning"] and os.environ.get("COMPRESSOR_KERNEL_TUNING") != "0"
+        if untuned:
+            os.environ["COMPRESSOR_KERNEL_TUNING"] = "0"
         with torch.no_grad():
             model(ids)
             pre = []
@@ -367,6 +382,9 @@ def decode(torch, cuda, results, deadline, store) -> None:
                 model(ids)
                 sync()
                 pre.append(time.perf_counter() - t)
+        if untuned:
+            del os.environ["COMPRESSOR_KERNEL_TUNING"]
+            note = (note + " " if note else "") + "prefill: default kernel configurations"
         row = {"ms_per_token": statistics.median(ms), "graph": dec.graph is not None,
                "fused_elementwise": dec.fused, "prefill_tokens_per_s": ids.shape[1] / statistics.median(pre),
                "weights_mb": weight_bytes(model) / 1e6,
@@ -406,7 +424,7 @@ def decode(torch, cuda, results, deadline, store) -> None:
     base = v.get("fp16", {}).get("ms_per_token")
     for row in v.values():
         row["decode_speedup"] = base / row["ms_per_token"] if base else None
-    if cuda and time.perf_counter() < deadline:
+    if cuda and time.perf_counter() < deadline and "sparse" in results["sections"]:
         try:
             measure("fp16 2:4 sparse", twin, graph=True, fused=True, transform=lambda m: sparsify(torch, m))
             row = v["fp16 2:4 sparse"]

@@ -82,10 +82,11 @@ def _kernel_case(bits, group_size, act_order, m, k, n, dtype, config, seed, bias
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
 
-CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile: narrow and wide blocks, split-K
-    # (atomic), several row blocks, and the per-slab variant
+CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, CUDA-core kernel: narrow and wide
+    # blocks, split-K (atomic), several row blocks, the per-slab variant, and the GEMV with and without split-K
     "narrow": (16, 32, 1, 4, 3, True), "split": (16, 64, 3, 4, 3, True), "wide": (32, 128, 1, 4, 3, True),
-    "wide-split": (64, 64, 2, 4, 3, True), "slabs": (16, 64, 3, 4, 3, False)}
+    "wide-split": (64, 64, 2, 4, 3, True), "slabs": (16, 64, 3, 4, 3, False),
+    "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True)}
 
 
 @needs_triton
@@ -97,7 +98,7 @@ def test_kernel_matches_reference(bits, group_size, act_order, config, dtype):
     from compressor.kernels.triton_qmm import Config
 
     # Shapes that are not multiples of the blocks: masked rows, columns and a partial last tile.
-    for m in (1, 5) if CONFIGS[config][0] == 16 else (3, 70):
+    for m in (1, 5) if CONFIGS[config][0] in (1, 16) else (3, 70):
         _kernel_case(bits, group_size, act_order, m, 448 if group_size != 128 else 640, 72, dtype,
                      Config(*CONFIGS[config]), seed=bits * 7 + m)
 
@@ -121,7 +122,9 @@ def test_tuning_picks_a_default_without_a_gpu():
         assert timed and all(us > 0 for _, us in timed)
     else:
         assert triton_qmm.tuned_config(1, kw, torch.float16) == triton_qmm.default_config(1)
-    assert {c.block_m for c in triton_qmm.candidates(1)} == {16}  # the tensor cores' smallest tile
+    assert all(c.gemv for c in triton_qmm.candidates(1))  # one row: the CUDA cores, no padding to 16 rows
+    assert {c.gemv for c in triton_qmm.candidates(4)} == {True, False}
+    assert not any(c.gemv for c in triton_qmm.candidates(16))
     assert min(c.block_m for c in triton_qmm.candidates(64)) >= 32
 
 
@@ -174,3 +177,20 @@ def test_tuning_never_chooses_a_configuration_that_computes_wrong(monkeypatch):
     monkeypatch.setattr(timing, "graph_time_us", lambda calls, replays=5: 1.0)  # every candidate equally fast
     timed = triton_qmm.tune(1, kw, torch.float16, [bad, good])
     assert [c for c, _ in timed] == [good]
+
+
+@needs_triton
+def test_gemv_split_k_leaves_its_workspace_zeroed_for_the_next_call():
+    """The last program of each column block takes the sums and zeroes them: a second call (another input, the same
+    buffers) must not see the first call's sums."""
+    from compressor.kernels import triton_qmm
+
+    kw = pack_for_kernel(random_quantized(40, 512, 4, 64, False, 3)).to(DEVICE)
+    cfg = triton_qmm.Config(1, 32, 2, 2, 1, gemv=True)
+    for seed in (0, 1):
+        x = torch.randn(2, 512, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.float16)
+        exact = x.double() @ reference.dequantize(kw).double()
+        y = triton_qmm.quant_matmul(x, kw, config=cfg)
+        assert float((y.double() - exact).norm() / exact.norm()) < TOLERANCE[torch.float16]
+    sums, counts = triton_qmm._WORKSPACE[(str(x.device), 2 * 40, 2 * 2)]
+    assert not sums.any() and not counts.any()

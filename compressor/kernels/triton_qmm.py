@@ -119,6 +119,96 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
+                 M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
+                 BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
+                 EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                 ASM: tl.constexpr):
+    """One row of activations times the weights on the CUDA cores, in float32: the decode case.
+
+    A tensor-core product pads a batch of 1 to 16 rows and rearranges its operand through shared memory; here each
+    thread multiplies the weights it unpacked into its own partial sums [SUB, BLOCK_N], and the SUB axis is summed
+    once at the end. Per weight: a shift, one and-or, two fused multiply-adds (see below).
+
+    With SPLIT > 1 the programs of one column block add their partial sums into the float32 workspace `ws`; the last
+    one to finish (counted in `count`) takes the total, resetting `ws` and `count` to zero for the next call, and
+    writes the output: no zero-fill or cast kernel around the launch.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)  # fastest: the rows of a batch share each block of weights while it is in L2
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, SUBR)
+    tiles = tl.cdiv(K, SUBR * PACK)
+    t_start = pid_k * tiles_per_split
+    acc = tl.zeros((SUBR, BLOCK_N), dtype=tl.float32)
+    w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
+    x_row = x_ptr + pid_m * stride_xm
+    words_next = tl.load(w_ptrs + t_start * SUBR * N, mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :],
+                         other=0)
+    for i in range(0, tiles_per_split):
+        t = t_start + i
+        words = words_next
+        more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
+        words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
+        for j in tl.static_range(PACK):
+            row0 = t * SUBR * PACK + j * SUBR
+            if j % GROUP_SLABS == 0:  # a new group: its scale and zero (folded into S and C below)
+                g = row0 // group_size
+                sz_mask = n_mask & ((row0 + 0 * offs_n) < K)
+                s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0).to(tl.float32)
+                big = s * (1 << BITS)
+                low = big + z * s
+            rows = row0 + offs_r
+            if HAS_PERM:
+                rows = tl.load(perm_ptr + rows, mask=rows < K, other=0)
+            if EVEN_K:
+                xv = tl.load(x_row + rows).to(tl.float32)
+            else:
+                xv = tl.load(x_row + rows, mask=(row0 + offs_r) < K, other=0.0).to(tl.float32)
+            # The code moves into the top of the mantissa of 1.0: f = 1 + q / 2^BITS (a shift and one and-or), and
+            # (q - z) * s = f * S - C with S = s * 2^BITS, C = s * (2^BITS + z): one fused multiply-add. C stays
+            # below 2^(BITS+1) * s, so its rounding is far below the scale's own precision.
+            if 23 - BITS - j * BITS >= 0:
+                moved = words << (23 - BITS - j * BITS)
+            else:
+                moved = words >> (j * BITS + BITS - 23)
+            if ASM:  # the compiler emits two logic instructions for (a & b) | c; lop3 does it in one
+                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                                 [moved, moved * 0 + (MASK << (23 - BITS)), moved * 0 + 0x3F800000],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                bits = (moved & (MASK << (23 - BITS))) | 0x3F800000
+            w = bits.to(tl.float32, bitcast=True) * big[None, :] - low[None, :]
+            acc += xv[:, None] * w
+    y = tl.sum(acc, axis=0)
+    out_ptrs = out_ptr + pid_m * stride_om + offs_n
+    if SPLIT == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        ws_ptrs = ws_ptr + pid_m * N + offs_n
+        tl.atomic_add(ws_ptrs, y, mask=n_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's sums are in before one thread signals (its release covers them)
+        slot = pid_m * tl.num_programs(1) + pid_n
+        done = tl.atomic_add(count_ptr + slot + 0 * offs_n, 1 + 0 * offs_n, mask=offs_n == pid_n * BLOCK_N,
+                             sem="acq_rel")
+        last = tl.max(tl.where(offs_n == pid_n * BLOCK_N, done, -1), axis=0) == SPLIT - 1
+        take = n_mask & (last + 0 * offs_n != 0)
+        total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=take, sem="acq_rel")  # read where the sums were made
+        tl.store(ws_ptrs, tl.zeros_like(y), mask=take)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=take, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=take)
+        tl.store(count_ptr + slot + 0 * offs_n, 0 * offs_n, mask=take & (offs_n == pid_n * BLOCK_N))
+
+
 @dataclass(frozen=True)
 class Config:
     block_m: int
@@ -127,8 +217,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     one_dot: bool = True  # one product per tile (False: one per 32-row slab, the scale applied after it)
+    gemv: bool = False  # one activation row per program on the CUDA cores (block_m, one_dot unused)
 
     def __str__(self) -> str:
+        if self.gemv:
+            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}"
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
                 + ("" if self.one_dot else "-slabs"))
 
@@ -147,6 +240,8 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     split = min(cfg.split_k, tiles)
     per_split = -(-tiles // split)
     split = -(-tiles // per_split)
+    if cfg.gemv:
+        return _gemv(x2, kw, bias, cfg, split, per_split).view(*lead, n)
     atomic = split > 1
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -164,6 +259,43 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     return out.view(*lead, n)
 
 
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, sums: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 sums and int32 counters for split-K; the kernel leaves them zeroed again. Kept per device
+    and size, so a CUDA graph captures the same buffers its warm-up calls allocated."""
+    key = (str(device), sums, blocks)
+    if key not in _WORKSPACE:
+        _WORKSPACE[key] = (torch.zeros(sums, dtype=torch.float32, device=device),
+                           torch.zeros(blocks, dtype=torch.int32, device=device))
+    return _WORKSPACE[key]
+
+
+def group_slabs(kw: KernelWeight) -> int:
+    """How many consecutive 32-row slabs of a tile share their group's scales (the GEMV loads them once)."""
+    per, slabs = 32 // kw.bits, kw.group_size // SUB
+    if kw.group_size >= kw.in_features or (slabs and slabs % per == 0):
+        return per
+    return slabs if slabs and per % slabs == 0 else 1
+
+
+def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Config, split: int,
+          per_split: int) -> torch.Tensor:
+    m, n, k = x2.shape[0], kw.out_features, kw.in_features
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    blocks = triton.cdiv(n, cfg.block_n)
+    ws, count = _workspace(x2.device, m * n, m * blocks) if split > 1 else (out, kw.qweight)
+    _gemv_kernel[(m, blocks, split)](
+        x2, kw.qweight, kw.scales, kw.zeros, kw.perm if kw.perm is not None else kw.qweight,
+        bias if bias is not None else kw.scales, out, ws, count,
+        m, n, k, kw.group_size, per_split, x2.stride(0), out.stride(0),
+        BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw), EVEN_K=k % kw.rows_per_tile == 0,
+        HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split, ASM=x2.is_cuda,
+        num_warps=cfg.num_warps, num_stages=1)
+    return out
+
+
 def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
     """Bits of a 16-bit float OFFSET whose mantissa takes any `bits`-bit code exactly (0: convert instead)."""
     if dtype == torch.float16:
@@ -173,9 +305,19 @@ def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
     return 0, 0.0
 
 
+GEMV_ROWS = 4  # up to this many activation rows, the CUDA-core kernel is a candidate (it unpacks once per row)
+
+
 def candidates(m: int, bits: int = 4) -> list[Config]:
-    """Configurations worth timing for a batch of `m` rows (the tensor cores take at least 16)."""
+    """Configurations worth timing for a batch of `m` rows: the CUDA-core kernel for one row, both kernels up to
+    GEMV_ROWS, the tensor-core kernel (at least 16 rows per tile) beyond."""
     out: list[Config] = []
+    if m <= GEMV_ROWS:
+        # block columns x warps: 8 to 32 partial sums per thread and slab
+        for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
+            out += [Config(1, bn, split, warps, 1, gemv=True) for split in (1, 2, 4, 8)]
+        if m == 1:
+            return out
     bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
     tile_rows = SUB * 32 // bits
     for bm in bms:
@@ -191,10 +333,13 @@ def candidates(m: int, bits: int = 4) -> list[Config]:
 
 
 def default_config(m: int) -> Config:
+    if m == 1:
+        return Config(1, 64, 4, 4, 1, gemv=True)
     return Config(16, 64, 4, 4, 3) if m <= 16 else Config(64, 64, 1, 4, 3)
 
 
 _TUNED: dict[tuple, Config] = {}
+TUNING_LOG: dict[tuple, list[tuple[str, float]]] = {}  # every candidate's time, fastest first (for benchmarks)
 
 
 def bucket(m: int) -> int:
@@ -212,7 +357,9 @@ def tuned_config(m: int, kw: KernelWeight, dtype: torch.dtype) -> Config:
         return cfg
     if kw.qweight.device.type != "cuda" or os.environ.get("COMPRESSOR_KERNEL_TUNING", "1") == "0":
         return default_config(m)
-    cfg = tune(bucket(m), kw, dtype)[0][0]
+    timed = tune(bucket(m), kw, dtype)
+    TUNING_LOG[key] = [(str(c), round(us, 2)) for c, us in timed]
+    cfg = timed[0][0]
     _TUNED[key] = cfg
     return cfg
 
