@@ -370,7 +370,8 @@ def decode(torch, cuda, results, deadline, store) -> None:
             sync()
             ms.append((time.perf_counter() - t) * 1000 / steps)
         ids = torch.randint(0, model.config.vocab_size, (1, 512 if cuda else 16), device=dev)
-        untuned = not results["prefill_tuning"] and os.environ.get("COMPRESSOR_KERNEL_TUNING") != "0"
+        untuned = (not results["prefill_tuning"] and os.environ.get("COMPRESSOR_KERNEL_TUNING") != "0"
+                   and any(type(m).__name__ == "FusedQuantLinear" for m in model.modules()))
         if untuned:
             os.environ["COMPRESSOR_KERNEL_TUNING"] = "0"
         with torch.no_grad():

@@ -86,7 +86,8 @@ CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, C
     # blocks, split-K (atomic), several row blocks, the per-slab variant, and the GEMV with and without split-K
     "narrow": (16, 32, 1, 4, 3, True), "split": (16, 64, 3, 4, 3, True), "wide": (32, 128, 1, 4, 3, True),
     "wide-split": (64, 64, 2, 4, 3, True), "slabs": (16, 64, 3, 4, 3, False),
-    "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True)}
+    "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True),
+    "gemv-pipelined": (1, 16, 2, 1, 3, True, True)}
 
 
 @needs_triton
@@ -162,10 +163,11 @@ def test_fused_linear_in_a_model_computes_what_quantlinear_computes():
 
 @needs_triton
 def test_tuning_never_chooses_a_configuration_that_computes_wrong(monkeypatch):
-    """Mocks the GPU timing (no GPU here): the fastest candidate gives wrong results and must be dropped."""
+    """Mocks the GPU timing (all candidates equally fast): the first candidate gives wrong results and must be
+    dropped."""
     from compressor.kernels import timing, triton_qmm
 
-    kw = pack_for_kernel(random_quantized(64, 256, 4, 32, False, 0))
+    kw = pack_for_kernel(random_quantized(64, 256, 4, 32, False, 0)).to(DEVICE)
     good, bad = triton_qmm.Config(16, 32, 1, 4, 3), triton_qmm.Config(16, 64, 2, 4, 3)
     real = triton_qmm.quant_matmul
 

@@ -120,11 +120,52 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
+def _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size,
+               BITS: tl.constexpr, SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr, EVEN_K: tl.constexpr,
+               HAS_PERM: tl.constexpr, ASM: tl.constexpr):
+    """acc [SUB, BLOCK_N] += the activations times tile `t` of the weights, given its packed `words` [SUB, BLOCK_N]."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    for j in tl.static_range(PACK):
+        row0 = t * SUBR * PACK + j * SUBR
+        if j % GROUP_SLABS == 0:  # a new group: its scale and zero (folded into S and C below)
+            g = row0 // group_size
+            sz_mask = n_mask & ((row0 + 0 * offs_n) < K)
+            s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0).to(tl.float32)
+            big = s * (1 << BITS)
+            low = big + z * s
+        rows = row0 + offs_r
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + rows, mask=rows < K, other=0)
+        if EVEN_K:
+            xv = tl.load(x_row + rows).to(tl.float32)
+        else:
+            xv = tl.load(x_row + rows, mask=(row0 + offs_r) < K, other=0.0).to(tl.float32)
+        # The code moves into the top of the mantissa of 1.0: f = 1 + q / 2^BITS (a shift and one and-or), and
+        # (q - z) * s = f * S - C with S = s * 2^BITS, C = s * (2^BITS + z): one fused multiply-add. C stays
+        # below 2^(BITS+1) * s, so its rounding is far below the scale's own precision.
+        if 23 - BITS - j * BITS >= 0:
+            moved = words << (23 - BITS - j * BITS)
+        else:
+            moved = words >> (j * BITS + BITS - 23)
+        if ASM:  # the compiler emits two logic instructions for (a & b) | c; lop3 does it in one
+            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                             [moved, moved * 0 + (MASK << (23 - BITS)), moved * 0 + 0x3F800000],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            bits = (moved & (MASK << (23 - BITS))) | 0x3F800000
+        w = bits.to(tl.float32, bitcast=True) * big[None, :] - low[None, :]
+        acc += xv[:, None] * w
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
                  M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
                  EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 ASM: tl.constexpr):
+                 ASM: tl.constexpr, STAGES: tl.constexpr):
     """One row of activations times the weights on the CUDA cores, in float32: the decode case.
 
     A tensor-core product pads a batch of 1 to 16 rows and rearranges its operand through shared memory; here each
@@ -136,7 +177,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     writes the output: no zero-fill or cast kernel around the launch.
     """
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)  # fastest: the rows of a batch share each block of weights while it is in L2
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -148,44 +188,22 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     acc = tl.zeros((SUBR, BLOCK_N), dtype=tl.float32)
     w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
     x_row = x_ptr + pid_m * stride_xm
-    words_next = tl.load(w_ptrs + t_start * SUBR * N, mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :],
-                         other=0)
-    for i in range(0, tiles_per_split):
-        t = t_start + i
-        words = words_next
-        more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
-        words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
-        for j in tl.static_range(PACK):
-            row0 = t * SUBR * PACK + j * SUBR
-            if j % GROUP_SLABS == 0:  # a new group: its scale and zero (folded into S and C below)
-                g = row0 // group_size
-                sz_mask = n_mask & ((row0 + 0 * offs_n) < K)
-                s = tl.load(s_ptr + g * N + offs_n, mask=sz_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * N + offs_n, mask=sz_mask, other=0.0).to(tl.float32)
-                big = s * (1 << BITS)
-                low = big + z * s
-            rows = row0 + offs_r
-            if HAS_PERM:
-                rows = tl.load(perm_ptr + rows, mask=rows < K, other=0)
-            if EVEN_K:
-                xv = tl.load(x_row + rows).to(tl.float32)
-            else:
-                xv = tl.load(x_row + rows, mask=(row0 + offs_r) < K, other=0.0).to(tl.float32)
-            # The code moves into the top of the mantissa of 1.0: f = 1 + q / 2^BITS (a shift and one and-or), and
-            # (q - z) * s = f * S - C with S = s * 2^BITS, C = s * (2^BITS + z): one fused multiply-add. C stays
-            # below 2^(BITS+1) * s, so its rounding is far below the scale's own precision.
-            if 23 - BITS - j * BITS >= 0:
-                moved = words << (23 - BITS - j * BITS)
-            else:
-                moved = words >> (j * BITS + BITS - 23)
-            if ASM:  # the compiler emits two logic instructions for (a & b) | c; lop3 does it in one
-                bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                                                 [moved, moved * 0 + (MASK << (23 - BITS)), moved * 0 + 0x3F800000],
-                                                 dtype=tl.int32, is_pure=True, pack=1)
-            else:
-                bits = (moved & (MASK << (23 - BITS))) | 0x3F800000
-            w = bits.to(tl.float32, bitcast=True) * big[None, :] - low[None, :]
-            acc += xv[:, None] * w
+    args = (x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size)
+    if STAGES == 0:  # the next tile's words requested by hand before this tile is computed
+        words_next = tl.load(w_ptrs + t_start * SUBR * N,
+                             mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :], other=0)
+        for i in range(0, tiles_per_split):
+            t = t_start + i
+            words = words_next
+            more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
+            words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
+            acc = _gemv_tile(acc, words, t, *args, BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
+    else:  # Triton's software pipeline: every load of the loop (words, scales, activations) issued STAGES-1 ahead
+        for i in tl.range(0, tiles_per_split, num_stages=STAGES):
+            t = t_start + i
+            words = tl.load(w_ptrs + t * SUBR * N, mask=((t + 0 * offs_r) < tiles)[:, None] & n_mask[None, :],
+                            other=0)
+            acc = _gemv_tile(acc, words, t, *args, BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
     y = tl.sum(acc, axis=0)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
     if SPLIT == 1:
@@ -221,7 +239,8 @@ class Config:
 
     def __str__(self) -> str:
         if self.gemv:
-            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}"
+            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + \
+                (f"s{self.num_stages}" if self.num_stages > 1 else "")
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
                 + ("" if self.one_dot else "-slabs"))
 
@@ -292,7 +311,7 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         m, n, k, kw.group_size, per_split, x2.stride(0), out.stride(0),
         BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw), EVEN_K=k % kw.rows_per_tile == 0,
         HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split, ASM=x2.is_cuda,
-        num_warps=cfg.num_warps, num_stages=1)
+        STAGES=cfg.num_stages if cfg.num_stages > 1 else 0, num_warps=cfg.num_warps, num_stages=1)
     return out
 
 
@@ -313,9 +332,10 @@ def candidates(m: int, bits: int = 4) -> list[Config]:
     GEMV_ROWS, the tensor-core kernel (at least 16 rows per tile) beyond."""
     out: list[Config] = []
     if m <= GEMV_ROWS:
-        # block columns x warps: 8 to 32 partial sums per thread and slab
-        for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
-            out += [Config(1, bn, split, warps, 1, gemv=True) for split in (1, 2, 4, 8)]
+        # block columns x warps (8 to 32 partial sums per thread and slab) x split x pipelining (1: by hand)
+        for bn, warps in ((16, 1), (32, 2), (64, 2), (64, 4), (128, 4)):
+            out += [Config(1, bn, split, warps, stages, gemv=True) for split in (1, 2, 4, 8, 16, 32)
+                    for stages in (1, 3)]
         if m == 1:
             return out
     bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
