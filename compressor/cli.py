@@ -71,10 +71,12 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--output", "-o", help="Run folder (overrides the recipe's output).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of this recipe from the stages and blocks "
+              "it finished (kept beside the output in .NAME.resume/).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the stage cache (~/.cache/compressor/stages; "
               "see COMPRESSOR_CACHE_DIR, COMPRESSOR_CACHE_MAX_GB).")
 @common
-def run(recipe: Path, output: str | None, overwrite: bool, no_cache: bool, quiet: bool, verbose: bool,
+def run(recipe: Path, output: str | None, overwrite: bool, resume: bool, no_cache: bool, quiet: bool, verbose: bool,
         as_json: bool) -> None:
     """Run RECIPE: compress, export, evaluate and report."""
     from .recipe import Recipe, RecipeError
@@ -98,11 +100,16 @@ def run(recipe: Path, output: str | None, overwrite: bool, no_cache: bool, quiet
 
     _terminate_as_interrupt()
     try:
-        result = run_recipe(r, overwrite=overwrite)
+        result = run_recipe(r, overwrite=overwrite, resume=resume)
     except (RunError, ModelError, DataError, ShapeError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; no partial run folder was left behind", 130)
+        from .resume import folder_for
+
+        kept = folder_for(Path(r.output)).exists()
+        _fail("interrupted; no partial run folder was left behind"
+              + (f"; the finished stages and blocks are kept: `compress run --resume {recipe}` continues"
+                 if kept else ""), 130)
     _print_report(result.report, as_json, quiet, str(result.output))
     if not result.passed:
         _fail("budget exceeded: " + "; ".join(result.failures), EXIT_BUDGET)

@@ -122,9 +122,13 @@ def load(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cp
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
+    safe = {}
+    if not src.gguf_file and not cfg.allow_pickle:
+        _refuse_pickle(src)
+        safe["use_safetensors"] = True  # transformers then never falls back to a pickle file
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **kwargs, **safe)
     except Exception as e:  # the same reasoning as in load_config
         raise ModelError(f"model {cfg.id!r} ({src.describe()}): cannot load: {e}") from e
     if src.gguf_file:
@@ -132,6 +136,23 @@ def load(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cp
     model.eval().to(device)
     model.requires_grad_(False)
     return model, tokenizer, src
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle(src: ModelSource) -> None:
+    """A local folder whose weights exist only as pickle files: say so before transformers tries them."""
+    if src.kind != "folder":
+        return
+    folder = Path(src.path)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelError(f"model {folder}: its weights are pickle files ({', '.join(pickled[:3])}), which can run "
+                         "arbitrary code when loaded; convert them to safetensors, or set model.allow_pickle: true "
+                         "if you trust their source")
 
 
 def _drop_gguf_marker(model: nn.Module) -> None:

@@ -27,6 +27,8 @@ class ModelConfig(_Strict):
     gguf_file: str | None = Field(None, description="file name inside `id` when `id` is a folder holding GGUF files")
     revision: str | None = None
     trust_remote_code: bool = Field(False, description="run Python code shipped with a hub model; off unless asked")
+    allow_pickle: bool = Field(False, description="read weights from pickle files (pytorch_model.bin, *.pt), which "
+                                                  "can run code when loaded; off: safetensors or GGUF only")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -652,6 +654,9 @@ class Recipe(_Strict):
     output: str = Field("runs/run", min_length=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    memory_budget_gb: float | None = Field(None, gt=0, description="most resident memory the run may use; a model "
+                                           "that does not fit is read and quantized block by block (GPTQ into a "
+                                           "GPTQ safetensors checkpoint), or the run stops before any work")
 
     @model_validator(mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import platform
@@ -21,7 +22,7 @@ from . import __version__, data, models
 from .evaluate import speed
 from .evaluate.accuracy import TorchRuntime, compare
 from .quant.tensor import QuantLinear
-from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir
+from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir, sha256
 from .recipe import DistillStage, LowRankStage, PruneDepthStage, PruneStage, PruneWidthStage, QuantizeStage, Recipe
 from .report import budget_failures, markdown
 from .stages import StageContext, apply_stage
@@ -194,9 +195,13 @@ def _once(shared: SharedWork | None, kind: str, key: Any, make: Any, copied: boo
     return make() if shared is None else shared.once(kind, key, make, copied)
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = None) -> RunResult:
+def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = None,
+        resume: bool = False) -> RunResult:
     """Run a recipe end to end; the run folder appears at `recipe.output` only when everything is written. With
-    `shared`, work another run already did with the same inputs is reused (see SharedWork)."""
+    `shared`, work another run already did with the same inputs is reused (see SharedWork). Finished stages and
+    blocks are checkpointed beside the output while the run goes (compressor.resume); with `resume`, the
+    checkpoints an interrupted run of the same recipe left are used instead of redoing that work."""
+    from . import resume as checkpoints
     from .distributed import world
 
     rank, size = world()
@@ -205,6 +210,18 @@ def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = 
         if rank > 0:  # a helper of rank 0: calibrates its share of the batches, writes nothing
             return _help_calibrate(recipe)
     out = preflight(recipe, overwrite)
+    resume_dir = checkpoints.folder_for(out)
+    if resume_dir.exists():
+        if resume:
+            log.info("resuming from %s: %s", resume_dir, checkpoints.describe(resume_dir))
+        elif overwrite:
+            shutil.rmtree(resume_dir)
+        else:
+            raise RunError(f"output {out}: an interrupted run of it left checkpoints in {resume_dir} "
+                           f"({checkpoints.describe(resume_dir)}); pass --resume to continue from them, or "
+                           "--overwrite to start afresh")
+    elif resume:
+        log.info("--resume: no checkpoints at %s; starting from the beginning", resume_dir)
     device = _device(recipe.device)
     torch.manual_seed(recipe.seed)
     timings = _Timings()
@@ -213,11 +230,15 @@ def run(recipe: Recipe, *, overwrite: bool = False, shared: SharedWork | None = 
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        result = _run_in(recipe, work, device, timings, shared)
+        result = _run_in(recipe, work, device, timings, shared, resume_dir if size == 1 else None)
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if resume_dir.exists():
+            log.warning("the finished stages and blocks are kept in %s: `compress run --resume` continues from "
+                        "them", resume_dir)
         raise
+    shutil.rmtree(resume_dir, ignore_errors=True)
     result.output = out
     return result
 
@@ -267,36 +288,46 @@ def _check_finite(model: torch.nn.Module, model_id: str) -> None:
 
 
 def _cached_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, baseline: torch.nn.Module | None,
-                   distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings) -> list[dict[str, Any]]:
-    """The stages' reports, with `model` changed by them: from the disk cache when an earlier run stored this
-    exact result (compressor.stage_cache), else computed and stored."""
+                   distill_windows: dict[int, torch.Tensor], device: str, timings: _Timings,
+                   resume_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The stages' reports, with `model` changed by them. A stage whose exact result is stored (the interrupted
+    run's checkpoints in `resume_dir`, then the disk cache, compressor.stage_cache) is loaded, not computed; each
+    computed stage is stored in both, and its layer-wise passes checkpoint their finished blocks."""
     from . import stage_cache
 
     from .distributed import world
 
+    roots = [] if resume_dir is None else [resume_dir / "stages"]
+    if stage_cache.enabled():
+        roots.append(stage_cache.default_root())
     # Under data parallelism every process must calibrate: one loading from the cache would leave the others waiting.
-    if not (stage_cache.enabled() and stage_cache.cacheable(recipe)) or world()[1] > 1:
+    if not (roots and stage_cache.cacheable(recipe)) or world()[1] > 1:
         return _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)
-    root = stage_cache.default_root()
     with timings.phase("stage cache: look up"):
         digests = stage_cache.keys(recipe, model, ctx.calibration, device)
         config_before = model.config.to_dict()
         reports: list[dict[str, Any]] = []
         for done in range(len(digests), 0, -1):  # the longest stored prefix of the stage list
-            found = stage_cache.load(root, digests[done - 1], model)
-            if found is not None:
-                reports = found
+            root = next((r for r in roots if (r / digests[done - 1] / "meta.json").is_file()), None)
+            if root is not None:
+                reports = stage_cache.load(root, digests[done - 1], model)
+                if resume_dir is not None and root == roots[0]:
+                    reports = [{**{k: v for k, v in r.items() if k != "from_cache"}, "resumed": True}
+                               for r in reports]
                 break
-    stored = True
     for i in range(len(reports), len(recipe.stages)):
-        reports += _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings, only=i)
-        if stored:
+        stage_ctx = ctx if resume_dir is None else \
+            dataclasses.replace(ctx, checkpoint_dir=resume_dir / "blocks" / digests[i])
+        reports += _apply_stages(recipe, model, stage_ctx, baseline, distill_windows, device, timings, only=i)
+        for root in roots:
             try:
                 with timings.phase("stage cache: store"):
-                    stage_cache.save(root, digests[i], model, config_before, reports)
+                    stage_cache.save(root, digests[i], model, config_before,
+                                     [{k: v for k, v in r.items() if k != "resumed"} for r in reports])
             except OSError as e:  # a full or read-only disk costs the cache, not the run
-                log.warning("stage cache: not stored (%s)", e)
-                stored = False
+                log.warning("stage result not stored in %s (%s)", root, e)
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir / "blocks" / digests[i], ignore_errors=True)  # the stage entry covers them
     return reports
 
 
@@ -343,8 +374,10 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: SharedWork | None = None
-            ) -> RunResult:
+def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: SharedWork | None = None,
+            resume_dir: Path | None = None) -> RunResult:
+    if recipe.memory_budget_gb is not None and _needs_streaming(recipe, device):
+        return _run_streamed(recipe, work, device, timings)
     model_key = [recipe.model.model_dump(mode="json"), device]
     with timings.phase("load model"):
         loaded, tokenizer, source = _once(shared, "model", model_key, lambda: models.load(recipe.model, device=device))
@@ -399,7 +432,8 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     with timings.phase("stages (reused from an earlier variant)" if reused else "stages"):
         model, stage_reports = _once(
             shared, "compressed model", stages_key,
-            lambda: (model, _cached_stages(recipe, model, ctx, baseline, distill_windows, device, timings)),
+            lambda: (model, _cached_stages(recipe, model, ctx, baseline, distill_windows, device, timings,
+                                           resume_dir)),
             copied=True)
     # computed once per compressed model, shared by the exports (of every variant) that need them
     stats: dict[str, Any] = _once(shared, "export statistics", stages_key, dict)
@@ -422,6 +456,10 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     if reused:
         report["notes"].append("the stages' result (and their reports) came from an earlier run of the sweep with "
                                "the same model, calibration, stages and seed")
+    resumed = [i + 1 for i, r in enumerate(stage_reports) if r.get("resumed")]
+    if resumed:
+        report["notes"].append(f"stage(s) {', '.join(map(str, resumed))} (and their reports) came from the "
+                               "checkpoints of an interrupted run of this recipe (--resume)")
     cached = {r["from_cache"] for r in stage_reports if r.get("from_cache")}
     if cached:
         report["notes"].append(f"the stages' result (and their reports) came from the stage cache ({cached.pop()}): "
@@ -438,8 +476,124 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     atomic_write_text(work / "report.json", _json(report))
     atomic_write_text(work / "report.md", markdown(report) if recipe.evaluate else "")
     atomic_write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_text(work / "run.json", _json(_run_record(recipe, report, device)))
+    atomic_write_text(work / "run.json", _json(_run_record(recipe, report, device, source, calib)))
     return RunResult(work, report, not failures, failures)
+
+
+# ------------------------------------------------------------------------------------- larger than memory
+BASE_RSS = 0.5 * 2**30  # Python, torch and transformers imported: ~0.4 GB measured, with a margin
+
+
+def _needs_streaming(recipe: Recipe, device: str) -> bool:
+    """Whether the model, as the ordinary path holds it (the model, a baseline copy for the evaluation, the stages'
+    work), exceeds `memory_budget_gb`."""
+    from .lazy import model_bytes
+
+    weights = model_bytes(recipe.model)
+    copies = 2 if recipe.evaluate else 1
+    need = BASE_RSS + copies * weights * 1.2
+    budget = recipe.memory_budget_gb * 2**30
+    log.info("memory: the model's float32 weights take %.2f GB; held whole, the run needs about %.2f GB of the "
+             "%.2f GB budget", weights / 2**30, need / 2**30, budget / 2**30)
+    return device == "cpu" and need > budget
+
+
+def _check_streamable(recipe: Recipe) -> None:
+    """What the block-by-block path runs; anything else stops the run before it starts."""
+    why = []
+    quant = recipe.quantize_configs()
+    if len(recipe.stages) != 1 or not quant or quant[0].method != "gptq" or quant[0].mixed is not None \
+            or quant[0].lm_head:
+        why.append("stages: exactly one quantize stage with method gptq (no mixed precision, lm_head false)")
+    if any(not getattr(e, "safetensors", None) or e.safetensors.format != "gptq" for e in recipe.export):
+        why.append("export: safetensors with format gptq only")
+    if recipe.evaluate is not None:
+        why.append("evaluate: null (the uncompressed baseline would have to be held in memory)")
+    if recipe.calibration is None or recipe.calibration.source == data.MODEL_SOURCE:
+        why.append("calibration: a text source (the model cannot generate its own calibration text block by block)")
+    if why:
+        raise RunError(f"model {recipe.model.id!r} does not fit memory_budget_gb {recipe.memory_budget_gb} when "
+                       "held whole; the block-by-block path it needs supports: " + "; ".join(why))
+
+
+def _streamed_need(model: torch.nn.Module, recipe: Recipe) -> dict[str, float]:
+    """Peak resident bytes of the block-by-block path, by part."""
+    layers = models.decoder_layers(model)
+    inside = {id(p) for p in layers.parameters()}
+    outer = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
+    block = max(sum(p.numel() for p in b.parameters()) for b in layers) * 4
+    widest = max(m.in_features for b in layers for m in b.modules() if isinstance(m, torch.nn.Linear))
+    hessian = widest * widest * (8 + 4 + 4 * 3)  # float64 sum, float32 batch product, Hessian, its factor, a copy
+    cal = recipe.calibration
+    hidden = model.config.hidden_size
+    activations = cal.samples * cal.seq_len * hidden * 4 * 3  # block inputs, outputs, one layer's input
+    quant = recipe.quantize_configs()[0]
+    blocks_params = sum(sum(p.numel() for p in b.parameters()) for b in layers)
+    packed = blocks_params * (quant.bits / 8 + 2 * 2 / max(quant.group_size if quant.group_size > 0 else 4096, 1))
+    export = packed + outer / 2  # the checkpoint's tensors (fp16 outside the blocks) before they are written
+    return {"runtime": BASE_RSS, "embeddings and head": outer, "one block": block, "GPTQ Hessians": hessian,
+            "calibration activations": activations, "export tensors": export}
+
+
+def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) -> RunResult:
+    """GPTQ of a model larger than the memory budget: blocks read from the weight files one at a time, spilled once
+    quantized, and read back one at a time for the export (compressor.lazy)."""
+    from . import lazy
+
+    _check_streamable(recipe)
+    with timings.phase("load model (all but the decoder blocks)"):
+        model, tokenizer, source, files = lazy.load_lazy(recipe.model)
+    params = models.parameter_count(model)
+    parts = _streamed_need(model, recipe)
+    # the GPTQ work and the export do not overlap: the peak is the larger of the two phases
+    need = parts["runtime"] + parts["embeddings and head"] + max(
+        parts["one block"] + parts["GPTQ Hessians"] + parts["calibration activations"], parts["export tensors"])
+    budget = recipe.memory_budget_gb * 2**30
+    detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+    if need > budget:
+        raise RunError(f"memory_budget_gb {recipe.memory_budget_gb}: even block by block the run needs about "
+                       f"{need / 2**30:.2f} GB ({detail} GB); raise the budget or use fewer calibration samples")
+    log.info("memory: block by block, about %.2f GB of the %.2f GB budget (%s GB)", need / 2**30, budget / 2**30,
+             detail)
+    quant = recipe.quantize_configs()[0]
+    check_shapes(select_linears(model, quant), quant, packed_export=True)
+    _check_lengths(recipe, model)
+    with timings.phase("prepare data"):
+        calib = data.calibration_windows(tokenizer, recipe.calibration)
+    spill = work.with_name(work.name + ".spill")
+    stream = lazy.StreamedBlocks(model, files, spill)
+    ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size, device=device, stream=stream)
+    try:
+        stage_reports = _apply_stages(recipe, model, ctx, None, {}, device, timings)
+        artifacts = []
+        for i, target in enumerate(recipe.export):
+            name = recipe.export_name(i)
+            with timings.phase(f"export {name}"):
+                from export.safetensors import write_gptq
+
+                with atomic_dir(work / name) as tmp:
+                    write_gptq(model, tokenizer, tmp, dtype=target.safetensors.dtype, stream=stream,
+                               extra_config={"damp_percent": quant.damp})
+                artifacts.append({"name": name, "format": "safetensors-gptq", "path": name,
+                                  "files": file_hashes(work / name)})
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    report: dict[str, Any] = {
+        "compressor_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"id": recipe.model.id, "source": source.describe(), "model_type": model.config.model_type,
+                  "parameters": params},
+        "stages": stage_reports, "calibration": _describe_calibration(recipe, calib), "artifacts": artifacts,
+        "memory": {"budget_gb": recipe.memory_budget_gb, "estimated_peak_gb": round(need / 2**30, 3),
+                   "parts_gb": {k: round(v / 2**30, 3) for k, v in parts.items()}, "mode": "block by block"},
+        "notes": ["the model did not fit the memory budget whole: its blocks were read, quantized and written one "
+                  "at a time; no evaluation ran"],
+        "passed": True, "failures": [], "timings": timings.values,
+    }
+    atomic_write_text(work / "report.json", _json(report))
+    atomic_write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    atomic_write_text(work / "run.json", _json(_run_record(recipe, report, device, source, calib)))
+    return RunResult(work, report, True, [])
 
 
 def _export(target: Any, name: str, work: Path, model: torch.nn.Module, tokenizer: Any, source: models.ModelSource,
@@ -766,15 +920,43 @@ def _wanted(key: str, metrics: set[str]) -> bool:
     return True
 
 
-def _run_record(recipe: Recipe, report: dict[str, Any], device: str) -> dict[str, Any]:
+def _run_record(recipe: Recipe, report: dict[str, Any], device: str, source: models.ModelSource | None = None,
+                calib: torch.Tensor | None = None) -> dict[str, Any]:
+    """What reproduces this run: the recipe, seed, versions of everything that computes, the thread count (GPTQ's
+    float32 sums depend on it), hashes of the inputs and of the compressor's code, and of every file written."""
+    import importlib.metadata as md
+
     import transformers
 
+    from .stage_cache import _code_fingerprint, _tensor_bytes
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    inputs: dict[str, Any] = {}
+    if source is not None:
+        inputs["model"] = source.describe()
+        folder = Path(source.path)
+        files = [folder / source.gguf_file] if source.gguf_file else \
+            sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".json", ".model", ".gguf"))
+        if source.kind != "hub":
+            inputs["model_files"] = {p.name: sha256(p) for p in files if p.is_file()}
+    if calib is not None:
+        inputs["calibration_tokens_sha256"] = hashlib.sha256(_tensor_bytes(calib)).hexdigest()
     return {
         "recipe": recipe.to_dict(),
         "seed": recipe.seed,
         "device": device,
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "versions": {"compressor": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+                     "transformers": transformers.__version__,
+                     **{d: version(d) for d in ("safetensors", "numpy", "onnx", "onnxruntime", "llama_cpp_python")}},
+        "code_sha256": _code_fingerprint(),
+        "inputs": inputs,
         "platform": platform.platform(),
         "timings_seconds": report["timings"],
         "artifacts": {a["name"]: a.get("files", {}) for a in report["artifacts"]},

@@ -18,13 +18,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from .distributed import shard, world
 from .models import decoder_layers
+from .resume import BlockCheckpoints
+
+if TYPE_CHECKING:
+    from .lazy import StreamedBlocks
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +98,35 @@ class _Captured:
 
 
 def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage, *, batch_size: int = 8,
-                  device: torch.device | str = "cpu", label: str = "calibrate", sequential: bool = True) -> None:
+                  device: torch.device | str = "cpu", label: str = "calibrate", sequential: bool = True,
+                  checkpoints: BlockCheckpoints | None = None, stream: StreamedBlocks | None = None) -> None:
     """Run `stage` over every decoder block of `model` on calibration `windows` [n, seq_len].
 
     With `sequential` false, all groups of a block collect their statistics in one forward pass of the unchanged
     block before any is processed: about 2 block forwards per block instead of 3 to 4, at the price of calibrating
-    later groups on inputs the earlier groups' changes have not reached yet."""
+    later groups on inputs the earlier groups' changes have not reached yet.
+
+    With `checkpoints`, each finished block is stored, and a block an interrupted run already finished is loaded
+    instead of processed (the calibration inputs still pass through it, to reach the next block).
+
+    With `stream` (a model larger than memory, compressor.lazy), each block is read from the weight files when its
+    turn comes and spilled to disk once processed."""
     layers = decoder_layers(model)
     captured = _capture_inputs(model, layers, windows, batch_size, device)
     start = time.perf_counter()
     known: dict[tuple[str, ...], list[list[str]]] = {}  # blocks of one layout share their input groups
     for index, block in enumerate(layers):
         prefix = _prefix(model, block)
+        if stream is not None:
+            stream.load(index, block)
         home = next(block.parameters()).device
         block.to(device)
+        if checkpoints is not None and checkpoints.restore(index, block, prefix):
+            log.info("%s: block %d/%d restored from the interrupted run", label, index + 1, len(layers))
+            with torch.no_grad():
+                captured.hidden = [_output(block(h, **kw)) for h, kw in zip(captured.hidden, captured.kwargs[index])]
+            block.to(home)
+            continue
         wanted = tuple(n for n, m in block.named_modules()
                        if isinstance(m, nn.Linear) and stage.wants(f"{prefix}.{n}", m))
         if wanted not in known:
@@ -121,11 +140,16 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
             resume.clear()
         else:
             _process_block(block, prefix, groups, captured, index, stage)
+        if checkpoints is not None:
+            checkpoints.store(index, block, prefix)
         with torch.no_grad():
             captured.hidden = [_output(block(h, **kw)) for h, kw in zip(captured.hidden, captured.kwargs[index])]
         block.to(home)
+        if stream is not None:
+            stream.release(index, block)
         elapsed = time.perf_counter() - start
-        eta = elapsed / (index + 1) * (len(layers) - index - 1)
+        done = index + 1 - (checkpoints.restored if checkpoints is not None else 0)
+        eta = elapsed / max(done, 1) * (len(layers) - index - 1)
         log.info("%s: block %d/%d done, elapsed %.0fs, ETA %.0fs", label, index + 1, len(layers), elapsed, eta)
 
 

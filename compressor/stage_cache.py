@@ -83,14 +83,7 @@ def load(root: Path, digest: str, model: nn.Module) -> list[dict[str, Any]] | No
 
     meta = json.loads((entry / "meta.json").read_text())
     device = next(model.parameters()).device
-    for name, q in meta["quantized"].items():
-        shell = QuantizedTensor(
-            torch.zeros(q["out"], q["in"], dtype=torch.uint8), torch.zeros(q["out"], q["groups"], dtype=torch.float16),
-            torch.zeros(q["out"], q["groups"], dtype=torch.uint8), q["bits"], q["group_size"], q["symmetric"],
-            torch.zeros(q["in"], dtype=torch.int32) if q["g_idx"] else None)
-        bias = torch.zeros(q["out"]) if q["bias"] else None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(shell, bias).to(device))
+    install_quantized(model, meta["quantized"], device)
     for field_name, value in meta["config"].items():
         setattr(model.config, field_name, value)
     state = load_file(entry / "state.safetensors", device=str(device))
@@ -105,12 +98,7 @@ def save(root: Path, digest: str, model: nn.Module, config_before: dict[str, Any
     """Store `model` (after the stages) under `digest`, atomically; then evict down to the size cap."""
     from safetensors.torch import save_file
 
-    quantized = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            quantized[name] = {"out": m.out_features, "in": m.in_features, "groups": m.scales.shape[1],
-                               "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
-                               "g_idx": m.g_idx is not None, "bias": m.bias is not None}
+    quantized = quantized_layout(model)
     after = model.config.to_dict()
     config = {k: v for k, v in after.items() if config_before.get(k) != v}
     # Tied weights share storage, which safetensors refuses: each name gets its own copy (loading re-ties them).
@@ -132,6 +120,27 @@ def save(root: Path, digest: str, model: nn.Module, config_before: dict[str, Any
         raise
     log.info("stage cache: stored %s", root / digest)
     evict(root, max_bytes())
+
+
+def quantized_layout(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Which submodules of `module` are QuantLinear and their shapes and settings: with a state dict, all that is
+    needed to rebuild them (`install_quantized`) without pickling."""
+    return {name: {"out": m.out_features, "in": m.in_features, "groups": m.scales.shape[1], "bits": m.bits,
+                   "group_size": m.group_size, "symmetric": m.symmetric, "g_idx": m.g_idx is not None,
+                   "bias": m.bias is not None}
+            for name, m in module.named_modules() if isinstance(m, QuantLinear)}
+
+
+def install_quantized(module: nn.Module, layout: dict[str, dict[str, Any]], device: torch.device | str) -> None:
+    """Put empty QuantLinear shells where `layout` says (names relative to `module`), ready for load_state_dict."""
+    for name, q in layout.items():
+        shell = QuantizedTensor(
+            torch.zeros(q["out"], q["in"], dtype=torch.uint8), torch.zeros(q["out"], q["groups"], dtype=torch.float16),
+            torch.zeros(q["out"], q["groups"], dtype=torch.uint8), q["bits"], q["group_size"], q["symmetric"],
+            torch.zeros(q["in"], dtype=torch.int32) if q["g_idx"] else None)
+        bias = torch.zeros(q["out"]) if q["bias"] else None
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, QuantLinear(shell, bias).to(device))
 
 
 def evict(root: Path, cap: int) -> list[Path]:

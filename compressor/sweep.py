@@ -338,7 +338,7 @@ def run_group(specs: list[dict[str, Any]], cwd: str, threads: int | None) -> dic
         log.info("sweep: variant %d/%d %s (%s)", spec["position"], spec["count"], spec["name"], spec["overrides"])
         t = time.perf_counter()
         try:
-            result = run(recipe, overwrite=True, shared=shared)
+            result = run(recipe, overwrite=True, shared=shared, resume=True)  # an interrupted variant continues
         except Exception as e:  # one broken variant must not lose the others' results
             log.error("sweep: variant %s failed: %s", spec["name"], e)
             rows.append({"name": spec["name"], "status": "failed", "error": f"{type(e).__name__}: {e}",

@@ -40,47 +40,73 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ writing
 def write_gptq(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = "float16",
-               extra_config: dict[str, Any] | None = None) -> None:
-    """Write `model` (whose quantized layers are QuantLinear) as a GPTQ-format checkpoint into `directory`."""
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not quantized:
+               extra_config: dict[str, Any] | None = None, stream: Any = None) -> None:
+    """Write `model` (whose quantized layers are QuantLinear) as a GPTQ-format checkpoint into `directory`.
+
+    With `stream` (compressor.lazy.StreamedBlocks: the model's processed blocks are spilled to disk), the blocks are
+    read back one at a time and only their packed tensors are kept."""
+    dt = _DTYPES[dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    settings: dict[str, tuple[int, int, int, bool]] = {}  # name: bits, group_size, in_features, symmetric
+    for prefix, part in _parts(model, stream):
+        quantized = {prefix + n: m for n, m in part.named_modules()
+                     if isinstance(m, QuantLinear) and not m.codes.is_meta}
+        # ties never cross a part (and a dropped block's ids may be reused): each part dedupes its own
+        tensors.update(_plain_tensors(part, skip={n[len(prefix):] for n in quantized}, dtype=dt, prefix=prefix))
+        for name, m in quantized.items():
+            tensors.update(gptq_tensors(name, m.qweight))
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16).contiguous()
+            settings[name] = (m.bits, m.group_size, m.in_features, m.symmetric)
+    if not settings:
         raise CheckpointError("GPTQ format: the model has no quantized layer")
-    first = next(iter(quantized.values()))
-    for name, m in quantized.items():
-        if m.symmetric != first.symmetric:
-            raise CheckpointError(f"GPTQ format: {name} is {'' if m.symmetric else 'a'}symmetric, others are not; "
+    symmetric = next(iter(settings.values()))[3]
+    for name, (_, _, _, sym) in settings.items():
+        if sym != symmetric:
+            raise CheckpointError(f"GPTQ format: {name} is {'' if sym else 'a'}symmetric, others are not; "
                                   "one checkpoint holds one setting")
     # A layer with a single group per output channel fits both "-1" and "groups of in_features": it takes the
     # checkpoint's setting where that fits it, so only real differences go to `dynamic`.
-    fixed = {name: (m.bits, m.group_size) for name, m in quantized.items() if m.group_size != m.in_features}
+    fixed = {name: (b, g) for name, (b, g, inp, _) in settings.items() if g != inp}
     counts: dict[tuple[int, int], int] = {}
-    for w in fixed.values() or [(m.bits, -1) for m in quantized.values()]:
+    for w in fixed.values() or [(b, -1) for b, _, _, _ in settings.values()]:
         counts[w] = counts.get(w, 0) + 1
     base_bits, group_size = max(counts, key=lambda w: (counts[w], w))  # the most common width; others in dynamic
-    widths = {name: fixed.get(name) or (m.bits, group_size if group_size in (-1, m.in_features) else -1)
-              for name, m in quantized.items()}
+    widths = {name: fixed.get(name) or (b, group_size if group_size in (-1, inp) else -1)
+              for name, (b, _, inp, _) in settings.items()}
     dynamic = {f"+:^{re.escape(name)}$": {"bits": b, "group_size": g} for name, (b, g) in widths.items()
                if (b, g) != (base_bits, group_size)}
-    tensors = _plain_tensors(model, skip=set(quantized), dtype=_DTYPES[dtype])
-    for name, m in quantized.items():
-        tensors.update(gptq_tensors(name, m.qweight))
-        if m.bias is not None:
-            tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16).contiguous()
     qconfig = {
         "quant_method": "gptq",
         "bits": base_bits,
         "group_size": group_size,
         "desc_act": False,  # act_order ran with static groups: columns stay in order, g_idx is trivial
-        "sym": first.symmetric,
+        "sym": symmetric,
         "true_sequential": True,
         "checkpoint_format": "gptq",
-        "lm_head": any(n == "lm_head" or n.startswith("lm_head.") for n in quantized),  # or a factor of it
+        "lm_head": any(n == "lm_head" or n.startswith("lm_head.") for n in settings),  # or a factor of it
         "meta": {"quantizer": [f"compressor:{__version__}"]},
         **({"dynamic": dynamic} if dynamic else {}),
         **(extra_config or {}),
     }
     _write(model, tokenizer, directory, tensors, dtype, qconfig)
     (directory / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
+
+
+def _parts(model: nn.Module, stream: Any):
+    """(name prefix, module) pairs that together hold every tensor: the model itself, or with `stream` each decoder
+    block in turn (read back from its spill file, dropped after use) and then the model (its blocks empty)."""
+    if stream is None:
+        yield "", model
+        return
+    from compressor.models import decoder_layers
+
+    prefix = {id(m): n for n, m in model.named_modules()}
+    for index, block in enumerate(decoder_layers(model)):
+        stream.reload(index, block)
+        yield prefix[id(block)] + ".", block
+        stream.drop(block)
+    yield "", model
 
 
 def gptq_tensors(name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -106,20 +132,24 @@ def write_dense(model: nn.Module, tokenizer: Any, directory: Path, dtype: str = 
     _write(model, tokenizer, directory, tensors, dtype, None)
 
 
-def _plain_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _plain_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of `model` but those of the modules in `skip` (quantized layers dequantized), keys prefixed;
+    tensors on the meta device (a block not in memory) are left out."""
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for mod_name, module in model.named_modules():
         if mod_name in skip:
             continue
         if isinstance(module, QuantLinear):
-            tensors[f"{mod_name}.weight"] = module.qweight.dequantize(torch.float32).to(dtype).contiguous()
-            if module.bias is not None:
-                tensors[f"{mod_name}.bias"] = module.bias.detach().to(dtype).contiguous()
+            if not module.codes.is_meta:
+                tensors[f"{prefix}{mod_name}.weight"] = \
+                    module.qweight.dequantize(torch.float32).to(dtype).contiguous()
+                if module.bias is not None:
+                    tensors[f"{prefix}{mod_name}.bias"] = module.bias.detach().to(dtype).contiguous()
             continue
         for pname, param in module.named_parameters(recurse=False):
-            key = f"{mod_name}.{pname}" if mod_name else pname
-            if id(param) in seen:  # tied weights are stored once; the config says they are tied
+            key = f"{prefix}{mod_name}.{pname}" if mod_name else prefix + pname
+            if id(param) in seen or param.is_meta:  # tied weights are stored once; the config says they are tied
                 continue
             seen[id(param)] = key
             tensors[key] = param.detach().to(dtype).contiguous().cpu()

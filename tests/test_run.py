@@ -73,7 +73,9 @@ def test_interrupt_leaves_no_run_folder_and_keeps_the_old_one(model_dir_factory,
     with pytest.raises(KeyboardInterrupt):
         run(recipe, overwrite=True)
     assert (out / "old.txt").read_text() == "previous run"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # No partial run folder; the finished quantize stage is kept for `--resume` (tests/test_resume.py)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.resume", "run"]
+    assert list((tmp_path / ".run.resume" / "stages").glob("*/state.safetensors"))
 
 
 def test_budget_gate_fails_the_cli_with_reason(model_dir_factory, tmp_path):

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..models import decoder_layers, output_projection
+from ..resume import BlockCheckpoints
 
 
 class ShapeError(ValueError):
@@ -23,6 +25,14 @@ class StageContext:
     device: str = "cpu"
     teacher: nn.Module | None = None  # distill: the model before the stage the recipe names
     distill_windows: torch.Tensor | None = None  # distill: its own training text, when the recipe gives one
+    checkpoint_dir: Path | None = None  # where layer-wise passes keep finished blocks (compressor.resume)
+    stream: Any = None  # compressor.lazy.StreamedBlocks when the model is read block by block
+
+    def checkpoints(self, name: str, report: "StageReport") -> BlockCheckpoints | None:
+        """Block checkpoints for the layer-wise pass `name` of a stage, or None when the run keeps none."""
+        if self.checkpoint_dir is None:
+            return None
+        return BlockCheckpoints(self.checkpoint_dir / name, report.layers)
 
 
 @dataclass

@@ -64,7 +64,8 @@ def apply_prune(cfg: PruneConfig, model: nn.Module, ctx: StageContext) -> StageR
     else:
         stage = (_WandaStage if cfg.method == "wanda" else _SparseGPTStage)(cfg, targets, report, sparsity)
         run_layerwise(model, ctx.calibration, stage, batch_size=ctx.batch_size, device=ctx.device,
-                      label=f"prune {cfg.method}", sequential=cfg.sequential)
+                      label=f"prune {cfg.method}", sequential=cfg.sequential,
+                      checkpoints=ctx.checkpoints(cfg.method, report))
     removed = sum(r["zeros"] for r in report.layers)
     total = sum(r["shape"][0] * r["shape"][1] for r in report.layers)
     report.summary["measured_sparsity"] = round(removed / max(total, 1), 6)

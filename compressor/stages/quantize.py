@@ -90,8 +90,10 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
     else:
         if ctx.calibration is None:
             raise ValueError("quantize gptq needs calibration windows")
+        # An AWQ pass before this one keeps no checkpoints: on resume it runs again and folds the same scales.
         run_layerwise(model, ctx.calibration, _GPTQStage(model, cfg, widths, report),
-                      batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq", sequential=cfg.sequential)
+                      batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq", sequential=cfg.sequential,
+                      checkpoints=ctx.checkpoints("gptq", report), stream=ctx.stream)
     if awq is not None:
         rows = {r["name"]: r for r in report.layers}
         for g in awq.groups:

@@ -1,0 +1,179 @@
+"""Models larger than the memory budget: the weights stay in their safetensors files and each decoder block is read
+when a layer-wise pass reaches it, then written to a spill folder once it is processed and dropped from memory.
+
+The model object is built on PyTorch's ``meta`` device (shapes, no storage). Everything outside the decoder blocks
+(embeddings, final norm, head, rotary tables) is loaded for real: the calibration pass needs it. Each file is opened
+(memory-mapped) only while a block's tensors are copied out of it, so mapped pages do not pile up in the process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import ModelError, ModelSource, decoder_layers, load_config, resolve
+from .recipe import ModelConfig
+from .resume import BlockCheckpoints
+
+log = logging.getLogger(__name__)
+
+
+class WeightFiles:
+    """Where each tensor of a safetensors checkpoint (one file or an index of shards) lives."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            mapping = json.loads(index.read_text())["weight_map"]
+            self.where = {name: folder / f for name, f in mapping.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise ModelError(f"model {folder}: no safetensors weights; loading block by block reads safetensors")
+            from safetensors import safe_open
+
+            self.where = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as st:
+                    self.where.update({k: f for k in st.keys()})
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors (float32 where floating), each file mapped only while it is read."""
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise ModelError(f"weights file has no tensor {missing[0]!r} (and {len(missing) - 1} more missing)")
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        for f, keys in by_file.items():
+            with safe_open(str(f), framework="pt") as st:
+                for k in keys:
+                    t = st.get_tensor(k)  # a copy that owns its memory: the file is unmapped after this block
+                    t = t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        raise ModelError(f"model: tensor {k} in {f} holds NaN or infinite values; the checkpoint is "
+                                         "damaged or was saved from a diverged training run")
+                    out[k] = t
+        return out
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Replace `module`'s meta parameters and persistent buffers with the tensors named `prefix` + local name."""
+    for name, _ in list(module.named_parameters(recurse=True)):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[leaf] = nn.Parameter(tensors[prefix + name], requires_grad=False)
+    for name, buf in list(module.named_buffers(recurse=True)):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if buf.is_meta and prefix + name in tensors:
+            owner._buffers[leaf] = tensors[prefix + name]
+
+
+class StreamedBlocks:
+    """Reads decoder blocks from the weight files and spills processed ones, for the layer-wise runner."""
+
+    def __init__(self, model: nn.Module, files: WeightFiles, spill: Path) -> None:
+        self.files = files
+        self.prefix = {id(b): n for n, b in model.named_modules()}
+        self.spill = BlockCheckpoints(spill, [])
+
+    def load(self, index: int, block: nn.Module) -> None:
+        prefix = self.prefix[id(block)] + "."
+        names = [prefix + n for n, _ in block.named_parameters()]
+        _assign(block, self.files.read(names), prefix)
+        meta = [n for n, b in block.named_buffers() if b.is_meta]
+        if meta:
+            raise ModelError(f"block {index}: buffers {meta[:3]} are neither stored nor computable when loading block "
+                             "by block")
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Spill the processed block to disk and drop its tensors."""
+        self.spill.store(index, block, self.prefix[id(block)])
+        block.to("meta")
+
+    def reload(self, index: int, block: nn.Module) -> None:
+        """A spilled block back in memory (for export)."""
+        if not self.spill.restore(index, block, self.prefix[id(block)]):
+            raise ModelError(f"block {index} was never processed: no spilled copy in {self.spill.folder}")
+
+    def drop(self, block: nn.Module) -> None:
+        block.to("meta")
+
+
+def load_lazy(cfg: ModelConfig):
+    """(model with its blocks on the meta device, tokenizer, source, weight files) for a local safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src: ModelSource = resolve(cfg)
+    if src.kind != "folder":
+        raise ModelError(f"model {cfg.id!r}: loading block by block (memory_budget_gb) needs a local folder with "
+                         f"safetensors weights, not a {src.kind} source")
+    config = load_config(cfg)
+    files = WeightFiles(Path(src.path))
+    tokenizer = AutoTokenizer.from_pretrained(src.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
+                                                 dtype=torch.float32)
+    layers = decoder_layers(model)
+    inside = {id(m) for m in layers.modules()}
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        own = [p for p, _ in module.named_parameters(recurse=False)]
+        if own:
+            prefix = f"{name}." if name else ""
+            wanted = [prefix + p for p in own if prefix + p in files.where]
+            _assign_direct(module, files.read(wanted), prefix)
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            # rotary tables and the like are computed from the config, not stored
+            try:
+                with torch.device("cpu"):
+                    fresh = type(module)(config=config)
+            except Exception as e:
+                raise ModelError(f"{name}: cannot rebuild {type(module).__name__} outside the model for block-by-"
+                                 f"block loading: {e}") from e
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fresh)
+    model.tie_weights()  # a tied head stored once takes the embedding's tensor
+    blocks = _layers_prefix(model) + "."
+    still = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks)]
+    if still:
+        raise ModelError(f"model {cfg.id!r}: tensors {still[:3]} are not in the weight files")
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer, src, files
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers)
+
+
+def _assign_direct(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    for name in list(module._parameters):
+        key = prefix + name
+        if key in tensors:
+            module._parameters[name] = nn.Parameter(tensors[key], requires_grad=False)
+
+
+def model_bytes(cfg: ModelConfig) -> int:
+    """float32 bytes of the model's parameters, from its config alone."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * 4
+    return total

@@ -1,0 +1,68 @@
+"""memory_budget_gb: a model that does not fit is quantized block by block (compressor.lazy), with the result the
+ordinary path gives; what cannot run within the budget stops before any work."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from compressor.fileio import file_hashes
+from compressor.recipe import Recipe
+from compressor.run import BASE_RSS, RunError, run
+
+MB = 2**20
+
+
+def _model(tmp_path, tokenizer_dir, family="llama"):
+    from conftest import tiny_model
+
+    d = tmp_path / f"model-{family}"
+    tiny_model(family, num_hidden_layers=8, hidden_size=128, intermediate_size=256, head_dim=32,
+               tie_word_embeddings=family != "llama").save_pretrained(d)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def _spec(model_dir, output, **over):
+    spec = {"model": str(model_dir),
+            "calibration": {"source": "python-docs", "samples": 8, "seq_len": 64, "batch_size": 4},
+            "stages": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True}}],
+            "export": [{"safetensors": {"format": "gptq"}}], "evaluate": None, "output": str(output)}
+    spec.update(over)
+    return spec
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_block_by_block_gives_the_checkpoint_the_whole_model_gives(family, tmp_path, tokenizer_dir, caplog):
+    model_dir = _model(tmp_path, tokenizer_dir, family)
+    whole = run(Recipe.from_dict(_spec(model_dir, tmp_path / "whole")))
+    # The model holds ~7 MB of float32 weights: a budget 5 MB above the runtime's own share is too small to hold
+    # it whole, large enough for one block at a time.
+    budget = (BASE_RSS + 5 * MB) / 2**30
+    with caplog.at_level("INFO"):
+        streamed = run(Recipe.from_dict(_spec(model_dir, tmp_path / "streamed", memory_budget_gb=budget)))
+    assert streamed.report["memory"]["mode"] == "block by block"
+    assert streamed.report["memory"]["estimated_peak_gb"] <= budget
+    assert "block 8/8 done" in caplog.text
+    assert file_hashes(streamed.output / "safetensors") == file_hashes(whole.output / "safetensors")
+    assert not list(tmp_path.glob(".streamed*"))  # the spilled blocks are gone
+    layers = [r["name"] for r in streamed.report["stages"][0]["layers"]]
+    assert layers == [r["name"] for r in whole.report["stages"][0]["layers"]] and len(layers) == 8 * 7
+
+
+def test_what_cannot_run_within_the_budget_stops_before_any_work(tmp_path, tokenizer_dir):
+    model_dir = _model(tmp_path, tokenizer_dir)
+    budget = (BASE_RSS + 5 * MB) / 2**30
+    with pytest.raises(RunError, match=r"evaluate: null"):
+        run(Recipe.from_dict(_spec(model_dir, tmp_path / "a", memory_budget_gb=budget,
+                                   evaluate={"data": {"source": "python-docs", "windows": 2, "seq_len": 64}})))
+    with pytest.raises(RunError, match=r"exactly one quantize stage with method gptq"):
+        run(Recipe.from_dict(_spec(model_dir, tmp_path / "b", memory_budget_gb=budget,
+                                   stages=[{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}])))
+    with pytest.raises(RunError, match=r"even block by block the run needs about .* calibration activations"):
+        run(Recipe.from_dict(_spec(model_dir, tmp_path / "c", memory_budget_gb=(BASE_RSS + 1 * MB) / 2**30)))
+    assert not [p for p in tmp_path.iterdir() if p.name[0] in ".abc"]  # nothing written
+    # a budget the whole model fits takes the ordinary path
+    ok = run(Recipe.from_dict(_spec(model_dir, tmp_path / "d", memory_budget_gb=4.0)))
+    assert "memory" not in ok.report
