@@ -76,6 +76,20 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) ->
             owner._buffers[leaf] = tensors[prefix + name]
 
 
+def _return_freed_memory_to_the_system() -> None:
+    """glibc keeps freed heap memory for reuse, and after the first large free it serves allocations up to that size
+    from the heap: a block's tensors freed would stay resident. Large allocations from their own mappings (returned
+    on free) and a trim after each block keep the resident size to what is alive. No-op outside glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up gets its own mapping (fixed, not adaptive)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class StreamedBlocks:
     """Reads decoder blocks from the weight files and spills processed ones, for the layer-wise runner."""
 
@@ -83,6 +97,7 @@ class StreamedBlocks:
         self.files = files
         self.prefix = {id(b): n for n, b in model.named_modules()}
         self.spill = BlockCheckpoints(spill, [])
+        _return_freed_memory_to_the_system()
 
     def load(self, index: int, block: nn.Module) -> None:
         prefix = self.prefix[id(block)] + "."
@@ -97,6 +112,7 @@ class StreamedBlocks:
         """Spill the processed block to disk and drop its tensors."""
         self.spill.store(index, block, self.prefix[id(block)])
         block.to("meta")
+        _return_freed_memory_to_the_system()
 
     def reload(self, index: int, block: nn.Module) -> None:
         """A spilled block back in memory (for export)."""
@@ -105,6 +121,7 @@ class StreamedBlocks:
 
     def drop(self, block: nn.Module) -> None:
         block.to("meta")
+        _return_freed_memory_to_the_system()
 
 
 def load_lazy(cfg: ModelConfig):

@@ -523,10 +523,16 @@ def _streamed_need(model: torch.nn.Module, recipe: Recipe) -> dict[str, float]:
     outer = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
     block = max(sum(p.numel() for p in b.parameters()) for b in layers) * 4
     widest = max(m.in_features for b in layers for m in b.modules() if isinstance(m, torch.nn.Linear))
-    hessian = widest * widest * (8 + 4 + 4 * 3)  # float64 sum, float32 batch product, Hessian, its factor, a copy
+    # float64 sum, float32 batch product, the Hessian and its transposed half, GPTQ's factor and two work copies
+    hessian = widest * widest * (8 + 4 + 4 + 4 + 4 * 3)
     cal = recipe.calibration
-    hidden = model.config.hidden_size
-    activations = cal.samples * cal.seq_len * hidden * 4 * 3  # block inputs, outputs, one layer's input
+    cfg = model.config
+    hidden = cfg.hidden_size
+    # block inputs, outputs and one child's recorded inputs for every window, plus one batch's attention scores
+    # (eager attention: scores and probabilities) and MLP intermediates
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    activations = cal.samples * cal.seq_len * hidden * 4 * 3 + cal.batch_size * 4 * (
+        2 * cfg.num_attention_heads * cal.seq_len ** 2 + 3 * cal.seq_len * inter)
     quant = recipe.quantize_configs()[0]
     blocks_params = sum(sum(p.numel() for p in b.parameters()) for b in layers)
     packed = blocks_params * (quant.bits / 8 + 2 * 2 / max(quant.group_size if quant.group_size > 0 else 4096, 1))

@@ -68,6 +68,8 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self._batch is None:
+            self._batch = torch.zeros_like(self.sum, dtype=torch.float32)
         for a, b in self.bounds:  # upper triangle by block rows; the lower one is mirrored when read
             self._batch[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=0)
             self.sum[a:b, a:] += self._batch[a:b, a:]
@@ -83,8 +85,14 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise ValueError("no calibration tokens reached this layer")
+        self._batch = None  # the per-batch buffer is not needed once the sums are read (a later add remakes it)
+        # in place where possible: for a 4096-wide layer each temporary is 67 MB
         s = self.sum.float()
-        return (torch.triu(s) + torch.triu(s, diagonal=1).t()) * (2.0 / self.rows)
+        lower = torch.triu(s, diagonal=1).t()
+        s.triu_()
+        s += lower
+        del lower
+        return s.mul_(2.0 / self.rows)
 
 
 class _Stop(Exception):

@@ -17,7 +17,7 @@ def _model(tmp_path, tokenizer_dir, family="llama"):
     from conftest import tiny_model
 
     d = tmp_path / f"model-{family}"
-    tiny_model(family, num_hidden_layers=8, hidden_size=128, intermediate_size=256, head_dim=32,
+    tiny_model(family, num_hidden_layers=16, hidden_size=128, intermediate_size=256, head_dim=32,
                tie_word_embeddings=family != "llama").save_pretrained(d)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, d / f.name)
@@ -37,23 +37,23 @@ def _spec(model_dir, output, **over):
 def test_block_by_block_gives_the_checkpoint_the_whole_model_gives(family, tmp_path, tokenizer_dir, caplog):
     model_dir = _model(tmp_path, tokenizer_dir, family)
     whole = run(Recipe.from_dict(_spec(model_dir, tmp_path / "whole")))
-    # The model holds ~7 MB of float32 weights: a budget 5 MB above the runtime's own share is too small to hold
+    # The model holds ~10 MB of float32 weights: a budget 8 MB above the runtime's own share is too small to hold
     # it whole, large enough for one block at a time.
-    budget = (BASE_RSS + 5 * MB) / 2**30
+    budget = (BASE_RSS + 8 * MB) / 2**30
     with caplog.at_level("INFO"):
         streamed = run(Recipe.from_dict(_spec(model_dir, tmp_path / "streamed", memory_budget_gb=budget)))
     assert streamed.report["memory"]["mode"] == "block by block"
-    assert streamed.report["memory"]["estimated_peak_gb"] <= budget
-    assert "block 8/8 done" in caplog.text
+    assert streamed.report["memory"]["estimated_peak_gb"] <= budget + 5e-4  # rounded to 3 decimals
+    assert "block 16/16 done" in caplog.text
     assert file_hashes(streamed.output / "safetensors") == file_hashes(whole.output / "safetensors")
     assert not list(tmp_path.glob(".streamed*"))  # the spilled blocks are gone
     layers = [r["name"] for r in streamed.report["stages"][0]["layers"]]
-    assert layers == [r["name"] for r in whole.report["stages"][0]["layers"]] and len(layers) == 8 * 7
+    assert layers == [r["name"] for r in whole.report["stages"][0]["layers"]] and len(layers) == 16 * 7
 
 
 def test_what_cannot_run_within_the_budget_stops_before_any_work(tmp_path, tokenizer_dir):
     model_dir = _model(tmp_path, tokenizer_dir)
-    budget = (BASE_RSS + 5 * MB) / 2**30
+    budget = (BASE_RSS + 8 * MB) / 2**30
     with pytest.raises(RunError, match=r"evaluate: null"):
         run(Recipe.from_dict(_spec(model_dir, tmp_path / "a", memory_budget_gb=budget,
                                    evaluate={"data": {"source": "python-docs", "windows": 2, "seq_len": 64}})))

@@ -90,6 +90,7 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
     else:
         if ctx.calibration is None:
             raise ValueError("quantize gptq needs calibration windows")
+        targets.clear()  # no reference to the layers the pass replaces: each one's float weight is freed as it goes
         # An AWQ pass before this one keeps no checkpoints: on resume it runs again and folds the same scales.
         run_layerwise(model, ctx.calibration, _GPTQStage(model, cfg, widths, report),
                       batch_size=ctx.batch_size, device=ctx.device, label="quantize gptq", sequential=cfg.sequential,
