@@ -143,7 +143,8 @@ def main() -> None:
         s = speeds.get(name, {})
         print(f"{name:34} {m['perplexity']:8.3f} {m['perplexity'] / ref_ppl - 1:+9.3%} "
               f"{m.get('kl_divergence', 0):7.4f} {m.get('top1_agreement', 1):6.3f} {size:7.1f} "
-              f"{s.get('decode_ms_per_token', float('nan')):9.2f} {s.get('prefill_tokens_per_second', float('nan')):11.0f} "
+              f"{s.get('decode_ms_per_token', float('nan')):9.2f} "
+              f"{s.get('prefill_tokens_per_second', float('nan')):11.0f} "
               f"{s.get('peak_rss_mb', float('nan')):7.0f}")
     print("('vs torch': GPTQ rows against the same GPTQ model in torch, the others against torch float32)")
     print("greedy 64 tokens identical to torch float32:", greedy)

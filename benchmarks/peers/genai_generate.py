@@ -3,7 +3,8 @@
 Runs in the ortgenai peer venv; prints the new token ids as JSON:
     benchmarks/.venvs/ortgenai/bin/python benchmarks/peers/genai_generate.py FOLDER '[1, 2, 3]' [NEW_TOKENS]
 """
-import sys, json
+import json
+import sys
 import onnxruntime_genai as og
 folder, prompt = sys.argv[1], json.loads(sys.argv[2])
 new = int(sys.argv[3]) if len(sys.argv) > 3 else 16
