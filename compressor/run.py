@@ -567,6 +567,7 @@ def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) ->
     with timings.phase("prepare data"):
         calib = data.calibration_windows(tokenizer, recipe.calibration)
     spill = work.with_name(work.name + ".spill")
+    shutil.rmtree(spill, ignore_errors=True)  # left by a killed run
     stream = lazy.StreamedBlocks(model, files, spill)
     ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size, device=device, stream=stream)
     try:
