@@ -97,6 +97,7 @@ class StreamedBlocks:
         self.files = files
         self.prefix = {id(b): n for n, b in model.named_modules()}
         self.spill = BlockCheckpoints(spill, [])
+        self.activations: Path | None = None  # set: the runner keeps calibration activations in files here
         _return_freed_memory_to_the_system()
 
     def load(self, index: int, block: nn.Module) -> None:

@@ -495,7 +495,10 @@ def _needs_streaming(recipe: Recipe, device: str) -> bool:
     budget = recipe.memory_budget_gb * 2**30
     log.info("memory: the model's float32 weights take %.2f GB; held whole, the run needs about %.2f GB of the "
              "%.2f GB budget", weights / 2**30, need / 2**30, budget / 2**30)
-    return device == "cpu" and need > budget
+    if need > budget and device != "cpu":
+        raise RunError(f"memory_budget_gb {recipe.memory_budget_gb}: the model held whole needs about "
+                       f"{need / 2**30:.2f} GB; the block-by-block path runs on the CPU so far: set device: cpu")
+    return need > budget
 
 
 def _check_streamable(recipe: Recipe) -> None:
@@ -516,8 +519,9 @@ def _check_streamable(recipe: Recipe) -> None:
                        "held whole; the block-by-block path it needs supports: " + "; ".join(why))
 
 
-def _streamed_need(model: torch.nn.Module, recipe: Recipe) -> dict[str, float]:
-    """Peak resident bytes of the block-by-block path, by part."""
+def _streamed_need(model: torch.nn.Module, recipe: Recipe, spill: bool = False) -> dict[str, float]:
+    """Peak resident bytes of the block-by-block path, by part; with `spill`, the calibration activations live in
+    files and memory holds one batch of them."""
     layers = models.decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
     outer = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
@@ -531,7 +535,8 @@ def _streamed_need(model: torch.nn.Module, recipe: Recipe) -> dict[str, float]:
     # block inputs, outputs and one child's recorded inputs for every window, plus one batch's attention scores
     # (eager attention: scores and probabilities) and MLP intermediates
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    activations = cal.samples * cal.seq_len * hidden * 4 * 3 + cal.batch_size * 4 * (
+    held = cal.batch_size if spill else cal.samples
+    activations = held * cal.seq_len * hidden * 4 * 3 + cal.batch_size * 4 * (
         2 * cfg.num_attention_heads * cal.seq_len ** 2 + 3 * cal.seq_len * inter)
     quant = recipe.quantize_configs()[0]
     blocks_params = sum(sum(p.numel() for p in b.parameters()) for b in layers)
@@ -550,17 +555,25 @@ def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) ->
     with timings.phase("load model (all but the decoder blocks)"):
         model, tokenizer, source, files = lazy.load_lazy(recipe.model)
     params = models.parameter_count(model)
-    parts = _streamed_need(model, recipe)
-    # the GPTQ work and the export do not overlap: the peak is the larger of the two phases
-    need = parts["runtime"] + parts["embeddings and head"] + max(
-        parts["one block"] + parts["GPTQ Hessians"] + parts["calibration activations"], parts["export tensors"])
     budget = recipe.memory_budget_gb * 2**30
+
+    def peak(parts: dict[str, float]) -> float:  # the GPTQ work and the export do not overlap
+        return parts["runtime"] + parts["embeddings and head"] + max(
+            parts["one block"] + parts["GPTQ Hessians"] + parts["calibration activations"], parts["export tensors"])
+
+    spill_activations = False
+    parts = _streamed_need(model, recipe)
+    if peak(parts) > budget:  # the calibration activations to disk, one batch in memory at a time
+        spill_activations = True
+        parts = _streamed_need(model, recipe, spill=True)
+    need = peak(parts)
     detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
     if need > budget:
-        raise RunError(f"memory_budget_gb {recipe.memory_budget_gb}: even block by block the run needs about "
-                       f"{need / 2**30:.2f} GB ({detail} GB); raise the budget or use fewer calibration samples")
-    log.info("memory: block by block, about %.2f GB of the %.2f GB budget (%s GB)", need / 2**30, budget / 2**30,
-             detail)
+        raise RunError(f"memory_budget_gb {recipe.memory_budget_gb}: even block by block, with the calibration "
+                       f"activations on disk, the run needs about {need / 2**30:.2f} GB ({detail} GB); raise the "
+                       "budget or use a smaller calibration batch_size")
+    log.info("memory: block by block%s, about %.2f GB of the %.2f GB budget (%s GB)",
+             ", calibration activations on disk" if spill_activations else "", need / 2**30, budget / 2**30, detail)
     quant = recipe.quantize_configs()[0]
     check_shapes(select_linears(model, quant), quant, packed_export=True)
     _check_lengths(recipe, model)
@@ -568,7 +581,9 @@ def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) ->
         calib = data.calibration_windows(tokenizer, recipe.calibration)
     spill = work.with_name(work.name + ".spill")
     shutil.rmtree(spill, ignore_errors=True)  # left by a killed run
-    stream = lazy.StreamedBlocks(model, files, spill)
+    stream = lazy.StreamedBlocks(model, files, spill / "blocks")
+    if spill_activations:
+        stream.activations = spill / "activations"
     ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size, device=device, stream=stream)
     try:
         stage_reports = _apply_stages(recipe, model, ctx, None, {}, device, timings)
@@ -592,7 +607,8 @@ def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) ->
                   "parameters": params},
         "stages": stage_reports, "calibration": _describe_calibration(recipe, calib), "artifacts": artifacts,
         "memory": {"budget_gb": recipe.memory_budget_gb, "estimated_peak_gb": round(need / 2**30, 3),
-                   "parts_gb": {k: round(v / 2**30, 3) for k, v in parts.items()}, "mode": "block by block"},
+                   "parts_gb": {k: round(v / 2**30, 3) for k, v in parts.items()}, "mode": "block by block",
+                   "activations_on_disk": spill_activations},
         "notes": ["the model did not fit the memory budget whole: its blocks were read, quantized and written one "
                   "at a time; no evaluation ran"],
         "passed": True, "failures": [], "timings": timings.values,

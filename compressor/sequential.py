@@ -16,8 +16,11 @@ The runner knows no algorithm: a stage says which linears it wants, what to accu
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -99,10 +102,58 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once what it needs has been seen."""
 
 
+class SpilledBatches:
+    """Per-batch tensors kept in files instead of memory (the block inputs of a model run within a memory budget):
+    iterating reads one batch at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+        self.device: torch.device | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def append(self, t: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        self.device = t.device
+        save_file({"t": t.detach().to("cpu").contiguous()}, str(self.folder / f"{self.count:05d}.safetensors"))
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return load_file(str(self.folder / f"{i:05d}.safetensors"))["t"].to(self.device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(self.count))
+
+    def sibling(self, name: str) -> "SpilledBatches":
+        return SpilledBatches(self.folder.parent / name)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @dataclass
 class _Captured:
-    hidden: list[torch.Tensor]  # per batch: the input of the current block
+    hidden: list[torch.Tensor] | SpilledBatches  # per batch: the input of the current block
     kwargs: list[list[dict[str, Any]]]  # per block, per batch: keyword arguments the model passed that block
+
+    def advance(self, block: nn.Module, index: int) -> None:
+        """Replace the inputs of block `index` by its outputs (the next block's inputs)."""
+        spilled = isinstance(self.hidden, SpilledBatches)
+        outputs: Any = self.hidden.sibling(f"block-{index + 1:04d}") if spilled else []
+        with torch.no_grad():
+            for h, kw in zip(self.hidden, self.kwargs[index]):
+                outputs.append(_output(block(h, **kw)))
+        if spilled:
+            self.hidden.remove()
+        self.hidden = outputs
 
 
 def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage, *, batch_size: int = 8,
@@ -120,7 +171,9 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
     With `stream` (a model larger than memory, compressor.lazy), each block is read from the weight files when its
     turn comes and spilled to disk once processed."""
     layers = decoder_layers(model)
-    captured = _capture_inputs(model, layers, windows, batch_size, device)
+    spill = getattr(stream, "activations", None)
+    captured = _capture_inputs(model, layers, windows, batch_size, device,
+                               SpilledBatches(spill / "block-0000") if spill is not None else None)
     start = time.perf_counter()
     known: dict[tuple[str, ...], list[list[str]]] = {}  # blocks of one layout share their input groups
     for index, block in enumerate(layers):
@@ -131,8 +184,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
         block.to(device)
         if checkpoints is not None and checkpoints.restore(index, block, prefix):
             log.info("%s: block %d/%d restored from the interrupted run", label, index + 1, len(layers))
-            with torch.no_grad():
-                captured.hidden = [_output(block(h, **kw)) for h, kw in zip(captured.hidden, captured.kwargs[index])]
+            captured.advance(block, index)
             block.to(home)
             continue
         wanted = tuple(n for n, m in block.named_modules()
@@ -150,8 +202,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
             _process_block(block, prefix, groups, captured, index, stage)
         if checkpoints is not None:
             checkpoints.store(index, block, prefix)
-        with torch.no_grad():
-            captured.hidden = [_output(block(h, **kw)) for h, kw in zip(captured.hidden, captured.kwargs[index])]
+        captured.advance(block, index)
         block.to(home)
         if stream is not None:
             stream.release(index, block)
@@ -179,10 +230,11 @@ def _prefix(model: nn.Module, block: nn.Module) -> str:
 
 
 def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
-                    device: torch.device | str) -> _Captured:
+                    device: torch.device | str, spilled: SpilledBatches | None = None) -> _Captured:
     """Run the model's embedding and mask/rotary preparation for every batch, recording what each block receives;
-    the blocks themselves are replaced by pass-throughs so nothing else is computed."""
-    captured = _Captured(hidden=[], kwargs=[[] for _ in layers])
+    the blocks themselves are replaced by pass-throughs so nothing else is computed. With `spilled`, the inputs of
+    block 0 go to its files."""
+    captured = _Captured(hidden=spilled if spilled is not None else [], kwargs=[[] for _ in layers])
     embed = model.get_input_embeddings()
     moved = [m for m in (embed, getattr(model.model, "rotary_emb", None)) if m is not None]
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
@@ -306,7 +358,8 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
         calls[-1].append((args, kwargs))
 
     handles = [first.register_forward_pre_hook(stop)]
-    if child is not first:
+    # spilled inputs: no recorded copy of a child's inputs either (the next group re-runs the block instead)
+    if child is not first and not isinstance(captured.hidden, SpilledBatches):
         handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
     resume = holder.pop() if holder else None
     reuse = resume is not None and resume.child == child_name
@@ -314,7 +367,7 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
         resume = None
     try:
         with torch.no_grad():
-            inputs = resume.calls if reuse else list(zip(captured.hidden, captured.kwargs[index]))
+            inputs = resume.calls if reuse else zip(captured.hidden, captured.kwargs[index])
             for a, kw in inputs:
                 calls.append([])
                 try:
