@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import ModelError, ModelSource, decoder_layers, load_config, resolve
+from .models import ModelError, ModelSource, decoder_layers, load_config, parameter_count, resolve
 from .recipe import ModelConfig
 from .resume import BlockCheckpoints
 
@@ -63,17 +63,16 @@ class WeightFiles:
         return out
 
 
-def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    """Replace `module`'s meta parameters and persistent buffers with the tensors named `prefix` + local name."""
-    for name, _ in list(module.named_parameters(recurse=True)):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        owner._parameters[leaf] = nn.Parameter(tensors[prefix + name], requires_grad=False)
-    for name, buf in list(module.named_buffers(recurse=True)):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if buf.is_meta and prefix + name in tensors:
-            owner._buffers[leaf] = tensors[prefix + name]
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, recurse: bool = True) -> None:
+    """Replace `module`'s parameters and meta buffers named `prefix` + local name in `tensors` by those tensors."""
+    for kind, store in (("parameters", "_parameters"), ("buffers", "_buffers")):
+        for name, t in list(getattr(module, f"named_{kind}")(recurse=recurse)):
+            if prefix + name not in tensors or (kind == "buffers" and not t.is_meta):
+                continue
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            value = tensors[prefix + name]
+            getattr(owner, store)[leaf] = nn.Parameter(value, requires_grad=False) if kind == "parameters" else value
 
 
 def _return_freed_memory_to_the_system() -> None:
@@ -117,7 +116,7 @@ class StreamedBlocks:
 
     def reload(self, index: int, block: nn.Module) -> None:
         """A spilled block back in memory (for export)."""
-        if not self.spill.restore(index, block, self.prefix[id(block)]):
+        if not self.spill.restore(index, block):
             raise ModelError(f"block {index} was never processed: no spilled copy in {self.spill.folder}")
 
     def drop(self, block: nn.Module) -> None:
@@ -148,7 +147,7 @@ def load_lazy(cfg: ModelConfig):
         if own:
             prefix = f"{name}." if name else ""
             wanted = [prefix + p for p in own if prefix + p in files.where]
-            _assign_direct(module, files.read(wanted), prefix)
+            _assign(module, files.read(wanted), prefix, recurse=False)
         if any(b.is_meta for b in module.buffers(recurse=False)):
             # rotary tables and the like are computed from the config, not stored
             try:
@@ -174,13 +173,6 @@ def _layers_prefix(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is layers)
 
 
-def _assign_direct(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    for name in list(module._parameters):
-        key = prefix + name
-        if key in tensors:
-            module._parameters[name] = nn.Parameter(tensors[key], requires_grad=False)
-
-
 def model_bytes(cfg: ModelConfig) -> int:
     """float32 bytes of the model's parameters, from its config alone."""
     from transformers import AutoModelForCausalLM
@@ -188,10 +180,4 @@ def model_bytes(cfg: ModelConfig) -> int:
     config = load_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * 4
-    return total
+    return parameter_count(model) * 4

@@ -54,7 +54,7 @@ class BlockCheckpoints:
     def _file(self, index: int) -> Path:
         return self.folder / f"block-{index:04d}.safetensors"
 
-    def restore(self, index: int, block: nn.Module, prefix: str) -> bool:
+    def restore(self, index: int, block: nn.Module) -> bool:
         """Load block `index` as the interrupted run left it (its report rows too); False if it was not finished."""
         path = self._file(index)
         if not path.is_file():

@@ -443,16 +443,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
         with timings.phase(f"export {name}"):
             artifacts.append(_export(target, name, work, model, tokenizer, source, quant, calib, ctx, stats))
 
-    report: dict[str, Any] = {
-        "compressor_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"id": recipe.model.id, "source": source.describe(), "model_type": model.config.model_type,
-                  "parameters": params},
-        "stages": stage_reports,
-        "calibration": _describe_calibration(recipe, calib),
-        "artifacts": artifacts,
-        "notes": [],
-    }
+    report = _report_head(recipe, source, model, params, stage_reports, calib, artifacts)
     if reused:
         report["notes"].append("the stages' result (and their reports) came from an earlier run of the sweep with "
                                "the same model, calibration, stages and seed")
@@ -473,11 +464,32 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
     report["passed"] = not failures
     report["failures"] = failures
     report["timings"] = timings.values
+    _write_run_files(work, recipe, report, device, source, calib)
+    return RunResult(work, report, not failures, failures)
+
+
+def _report_head(recipe: Recipe, source: models.ModelSource, model: torch.nn.Module, params: int,
+                 stage_reports: list[dict[str, Any]], calib: torch.Tensor | None,
+                 artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every run's report.json starts with."""
+    return {
+        "compressor_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"id": recipe.model.id, "source": source.describe(), "model_type": model.config.model_type,
+                  "parameters": params},
+        "stages": stage_reports,
+        "calibration": _describe_calibration(recipe, calib),
+        "artifacts": artifacts,
+        "notes": [],
+    }
+
+
+def _write_run_files(work: Path, recipe: Recipe, report: dict[str, Any], device: str, source: models.ModelSource,
+                     calib: torch.Tensor | None) -> None:
     atomic_write_text(work / "report.json", _json(report))
     atomic_write_text(work / "report.md", markdown(report) if recipe.evaluate else "")
     atomic_write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_text(work / "run.json", _json(_run_record(recipe, report, device, source, calib)))
-    return RunResult(work, report, not failures, failures)
 
 
 # ------------------------------------------------------------------------------------- larger than memory
@@ -524,7 +536,7 @@ def _streamed_need(model: torch.nn.Module, recipe: Recipe, spill: bool = False) 
     files and memory holds one batch of them."""
     layers = models.decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
-    outer = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
+    outer = sum(p.numel() * 4 for p in model.parameters() if id(p) not in inside)  # tied: counted once
     block = max(sum(p.numel() for p in b.parameters()) for b in layers) * 4
     widest = max(m.in_features for b in layers for m in b.modules() if isinstance(m, torch.nn.Linear))
     # float64 sum, float32 batch product, the Hessian and its transposed half, GPTQ's factor and two work copies
@@ -588,34 +600,21 @@ def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) ->
     try:
         stage_reports = _apply_stages(recipe, model, ctx, None, {}, device, timings)
         artifacts = []
-        for i, target in enumerate(recipe.export):
+        for i, target in enumerate(recipe.export):  # GPTQ safetensors only (_check_streamable): block by block
             name = recipe.export_name(i)
             with timings.phase(f"export {name}"):
-                from export.safetensors import write_gptq
-
-                with atomic_dir(work / name) as tmp:
-                    write_gptq(model, tokenizer, tmp, dtype=target.safetensors.dtype, stream=stream,
-                               extra_config={"damp_percent": quant.damp})
-                artifacts.append({"name": name, "format": "safetensors-gptq", "path": name,
-                                  "files": file_hashes(work / name)})
+                artifacts.append(_export(target, name, work, model, tokenizer, source, [quant], calib, ctx, {}))
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    report: dict[str, Any] = {
-        "compressor_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"id": recipe.model.id, "source": source.describe(), "model_type": model.config.model_type,
-                  "parameters": params},
-        "stages": stage_reports, "calibration": _describe_calibration(recipe, calib), "artifacts": artifacts,
+    report = _report_head(recipe, source, model, params, stage_reports, calib, artifacts)
+    report.update({
         "memory": {"budget_gb": recipe.memory_budget_gb, "estimated_peak_gb": round(need / 2**30, 3),
                    "parts_gb": {k: round(v / 2**30, 3) for k, v in parts.items()}, "mode": "block by block",
                    "activations_on_disk": spill_activations},
         "notes": ["the model did not fit the memory budget whole: its blocks were read, quantized and written one "
                   "at a time; no evaluation ran"],
-        "passed": True, "failures": [], "timings": timings.values,
-    }
-    atomic_write_text(work / "report.json", _json(report))
-    atomic_write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_text(work / "run.json", _json(_run_record(recipe, report, device, source, calib)))
+        "passed": True, "failures": [], "timings": timings.values})
+    _write_run_files(work, recipe, report, device, source, calib)
     return RunResult(work, report, True, [])
 
 
@@ -678,7 +677,7 @@ def _export_as_is(target: Any, name: str, work: Path, model: torch.nn.Module, to
     cfg = target.safetensors
     with atomic_dir(work / name) as tmp:
         if cfg.format == "gptq":
-            write_gptq(model, tokenizer, tmp, dtype=cfg.dtype,
+            write_gptq(model, tokenizer, tmp, dtype=cfg.dtype, stream=ctx.stream,
                        extra_config={"damp_percent": quant[0].damp if quant else None})
         else:
             write_dense(model, tokenizer, tmp, dtype=cfg.dtype)
@@ -951,7 +950,7 @@ def _run_record(recipe: Recipe, report: dict[str, Any], device: str, source: mod
 
     import transformers
 
-    from .stage_cache import _code_fingerprint, _tensor_bytes
+    from .stage_cache import code_fingerprint, tensor_bytes
 
     def version(dist: str) -> str | None:
         try:
@@ -968,7 +967,7 @@ def _run_record(recipe: Recipe, report: dict[str, Any], device: str, source: mod
         if source.kind != "hub":
             inputs["model_files"] = {p.name: sha256(p) for p in files if p.is_file()}
     if calib is not None:
-        inputs["calibration_tokens_sha256"] = hashlib.sha256(_tensor_bytes(calib)).hexdigest()
+        inputs["calibration_tokens_sha256"] = hashlib.sha256(tensor_bytes(calib)).hexdigest()
     return {
         "recipe": recipe.to_dict(),
         "seed": recipe.seed,
@@ -978,7 +977,7 @@ def _run_record(recipe: Recipe, report: dict[str, Any], device: str, source: mod
         "versions": {"compressor": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__,
                      **{d: version(d) for d in ("safetensors", "numpy", "onnx", "onnxruntime", "llama_cpp_python")}},
-        "code_sha256": _code_fingerprint(),
+        "code_sha256": code_fingerprint(),
         "inputs": inputs,
         "platform": platform.platform(),
         "timings_seconds": report["timings"],

@@ -182,7 +182,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
             stream.load(index, block)
         home = next(block.parameters()).device
         block.to(device)
-        if checkpoints is not None and checkpoints.restore(index, block, prefix):
+        if checkpoints is not None and checkpoints.restore(index, block):
             log.info("%s: block %d/%d restored from the interrupted run", label, index + 1, len(layers))
             captured.advance(block, index)
             block.to(home)

@@ -61,12 +61,12 @@ def keys(recipe: Recipe, model: nn.Module, calibration: torch.Tensor | None, dev
     h = hashlib.sha256()
     h.update(json.dumps([model_cfg, calib_cfg, seed, device, torch.__version__], sort_keys=True,
                         default=str).encode())
-    h.update(_code_fingerprint().encode())
+    h.update(code_fingerprint().encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(_tensor_bytes(t))
+        h.update(tensor_bytes(t))
     if calibration is not None:
-        h.update(_tensor_bytes(calibration))
+        h.update(tensor_bytes(calibration))
     out = []
     for stage in stages:
         h.update(json.dumps(stage, sort_keys=True, default=str).encode())
@@ -159,7 +159,7 @@ def evict(root: Path, cap: int) -> list[Path]:
     return removed
 
 
-def _tensor_bytes(t: torch.Tensor) -> Any:
+def tensor_bytes(t: torch.Tensor) -> Any:
     """The tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
     return t.view(torch.uint8).numpy() if t.numel() else b""
@@ -168,7 +168,7 @@ def _tensor_bytes(t: torch.Tensor) -> Any:
 _FINGERPRINT: str | None = None
 
 
-def _code_fingerprint() -> str:
+def code_fingerprint() -> str:
     global _FINGERPRINT
     if _FINGERPRINT is None:
         h = hashlib.sha256()

@@ -87,7 +87,7 @@ CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, C
     "narrow": (16, 32, 1, 4, 3, True), "split": (16, 64, 3, 4, 3, True), "wide": (32, 128, 1, 4, 3, True),
     "wide-split": (64, 64, 2, 4, 3, True), "slabs": (16, 64, 3, 4, 3, False),
     "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True),
-    "gemv-pipelined": (1, 16, 2, 1, 3, True, True)}
+    "gemv-narrow": (1, 16, 2, 1, 1, True, True)}
 
 
 @needs_triton

@@ -165,7 +165,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
                  M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
                  EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 ASM: tl.constexpr, STAGES: tl.constexpr):
+                 ASM: tl.constexpr):
     """One row of activations times the weights on the CUDA cores, in float32: the decode case.
 
     A tensor-core product pads a batch of 1 to 16 rows and rearranges its operand through shared memory; here each
@@ -188,22 +188,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     acc = tl.zeros((SUBR, BLOCK_N), dtype=tl.float32)
     w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
     x_row = x_ptr + pid_m * stride_xm
-    args = (x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size)
-    if STAGES == 0:  # the next tile's words requested by hand before this tile is computed
-        words_next = tl.load(w_ptrs + t_start * SUBR * N,
-                             mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :], other=0)
-        for i in range(0, tiles_per_split):
-            t = t_start + i
-            words = words_next
-            more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
-            words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
-            acc = _gemv_tile(acc, words, t, *args, BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
-    else:  # Triton's software pipeline: every load of the loop (words, scales, activations) issued STAGES-1 ahead
-        for i in tl.range(0, tiles_per_split, num_stages=STAGES):
-            t = t_start + i
-            words = tl.load(w_ptrs + t * SUBR * N, mask=((t + 0 * offs_r) < tiles)[:, None] & n_mask[None, :],
-                            other=0)
-            acc = _gemv_tile(acc, words, t, *args, BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
+    # The next tile's words are requested before this tile is computed, so a load is always in flight (Triton's
+    # own software pipeline, num_stages, was measured no faster on the H200).
+    words_next = tl.load(w_ptrs + t_start * SUBR * N,
+                         mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :], other=0)
+    for i in range(0, tiles_per_split):
+        t = t_start + i
+        words = words_next
+        more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
+        words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
+        acc = _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size,
+                         BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
     y = tl.sum(acc, axis=0)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
     if SPLIT == 1:
@@ -239,8 +234,7 @@ class Config:
 
     def __str__(self) -> str:
         if self.gemv:
-            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + \
-                (f"s{self.num_stages}" if self.num_stages > 1 else "")
+            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}"
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
                 + ("" if self.one_dot else "-slabs"))
 
@@ -311,7 +305,7 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         m, n, k, kw.group_size, per_split, x2.stride(0), out.stride(0),
         BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw), EVEN_K=k % kw.rows_per_tile == 0,
         HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split, ASM=x2.is_cuda,
-        STAGES=cfg.num_stages if cfg.num_stages > 1 else 0, num_warps=cfg.num_warps, num_stages=1)
+        num_warps=cfg.num_warps, num_stages=1)
     return out
 
 
@@ -332,10 +326,9 @@ def candidates(m: int, bits: int = 4) -> list[Config]:
     GEMV_ROWS, the tensor-core kernel (at least 16 rows per tile) beyond."""
     out: list[Config] = []
     if m <= GEMV_ROWS:
-        # block columns x warps (8 to 32 partial sums per thread and slab) x split x pipelining (1: by hand)
+        # block columns x warps (8 to 32 partial sums per thread and slab) x split
         for bn, warps in ((16, 1), (32, 2), (64, 2), (64, 4), (128, 4)):
-            out += [Config(1, bn, split, warps, stages, gemv=True) for split in (1, 2, 4, 8, 16, 32)
-                    for stages in (1, 3)]
+            out += [Config(1, bn, split, warps, 1, gemv=True) for split in (1, 2, 4, 8, 16, 32)]
         if m == 1:
             return out
     bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
