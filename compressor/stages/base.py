@@ -3,13 +3,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..models import decoder_layers, output_projection
 from ..resume import BlockCheckpoints
+
+if TYPE_CHECKING:
+    from ..lazy import StreamedBlocks
 
 
 class ShapeError(ValueError):
@@ -26,7 +29,7 @@ class StageContext:
     teacher: nn.Module | None = None  # distill: the model before the stage the recipe names
     distill_windows: torch.Tensor | None = None  # distill: its own training text, when the recipe gives one
     checkpoint_dir: Path | None = None  # where layer-wise passes keep finished blocks (compressor.resume)
-    stream: Any = None  # compressor.lazy.StreamedBlocks when the model is read block by block
+    stream: StreamedBlocks | None = None  # when the model is read block by block (compressor.lazy)
 
     def checkpoints(self, name: str, report: "StageReport") -> BlockCheckpoints | None:
         """Block checkpoints for the layer-wise pass `name` of a stage, or None when the run keeps none."""
