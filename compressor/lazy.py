@@ -17,6 +17,7 @@ from torch import nn
 from .models import ModelError, ModelSource, decoder_layers, load_config, parameter_count, resolve
 from .recipe import ModelConfig
 from .resume import BlockCheckpoints
+from .memory import return_freed_memory_to_the_system
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +76,6 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, re
             getattr(owner, store)[leaf] = nn.Parameter(value, requires_grad=False) if kind == "parameters" else value
 
 
-def _return_freed_memory_to_the_system() -> None:
-    """glibc keeps freed heap memory for reuse, and after the first large free it serves allocations up to that size
-    from the heap: a block's tensors freed would stay resident. Large allocations from their own mappings (returned
-    on free) and a trim after each block keep the resident size to what is alive. No-op outside glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up gets its own mapping (fixed, not adaptive)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class StreamedBlocks:
     """Reads decoder blocks from the weight files and spills processed ones, for the layer-wise runner."""
 
@@ -97,7 +84,7 @@ class StreamedBlocks:
         self.prefix = {id(b): n for n, b in model.named_modules()}
         self.spill = BlockCheckpoints(spill, [])
         self.activations: Path | None = None  # set: the runner keeps calibration activations in files here
-        _return_freed_memory_to_the_system()
+        return_freed_memory_to_the_system()
 
     def load(self, index: int, block: nn.Module) -> None:
         prefix = self.prefix[id(block)] + "."
@@ -112,7 +99,7 @@ class StreamedBlocks:
         """Spill the processed block to disk and drop its tensors."""
         self.spill.store(index, block, self.prefix[id(block)])
         block.to("meta")
-        _return_freed_memory_to_the_system()
+        return_freed_memory_to_the_system()
 
     def reload(self, index: int, block: nn.Module) -> None:
         """A spilled block back in memory (for export)."""
@@ -121,7 +108,7 @@ class StreamedBlocks:
 
     def drop(self, block: nn.Module) -> None:
         block.to("meta")
-        _return_freed_memory_to_the_system()
+        return_freed_memory_to_the_system()
 
 
 def load_lazy(cfg: ModelConfig):

@@ -544,12 +544,13 @@ def _streamed_need(model: torch.nn.Module, recipe: Recipe, spill: bool = False) 
     cal = recipe.calibration
     cfg = model.config
     hidden = cfg.hidden_size
-    # block inputs, outputs and one child's recorded inputs for every window, plus one batch's attention scores
-    # (eager attention: scores and probabilities) and MLP intermediates
+    # every window's block inputs, the attention's replayed output and the MLP's recorded intermediate (the runner
+    # replays children from them; spilled, it keeps none), plus one batch's attention scores (eager attention: scores
+    # and probabilities) and MLP intermediates
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    held = cal.batch_size if spill else cal.samples
-    activations = held * cal.seq_len * hidden * 4 * 3 + cal.batch_size * 4 * (
-        2 * cfg.num_attention_heads * cal.seq_len ** 2 + 3 * cal.seq_len * inter)
+    held = cal.batch_size * cal.seq_len * hidden * 4 * 3 if spill else cal.samples * cal.seq_len * 4 * (
+        2 * hidden + max(hidden, inter))
+    activations = held + cal.batch_size * 4 * (2 * cfg.num_attention_heads * cal.seq_len ** 2 + 3 * cal.seq_len * inter)
     quant = recipe.quantize_configs()[0]
     blocks_params = sum(sum(p.numel() for p in b.parameters()) for b in layers)
     packed = blocks_params * (quant.bits / 8 + 2 * 2 / max(quant.group_size if quant.group_size > 0 else 4096, 1))

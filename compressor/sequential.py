@@ -6,10 +6,16 @@ block to produce the inputs of the next one. Only the current block needs to be 
 
 Within a block, linear layers that read the same tensor (q/k/v, gate/up) form one *input group* with one statistic.
 Groups are processed in execution order ("true sequential"): the statistics of a later group are collected after the
-earlier groups were changed, so each layer is calibrated on the inputs it will really see. Collecting a group's
-statistics stops the block's forward pass right after that group's input is seen, and a group inside the same child
-module as the previous one (down after gate/up in `mlp`) runs only that child on its recorded inputs, which keeps
-the cost of this to about one extra forward pass per block.
+earlier groups were changed, so each layer is calibrated on the inputs it will really see. Done naively that costs
+a forward pass per group; instead each operation of the block runs about once per batch:
+- collecting a group's statistics stops the forward pass right after that group's input is seen;
+- a group inside the same child module as the previous one (down after gate/up in `mlp`) runs only that child on
+  its recorded inputs;
+- a child whose output is its last linear's output (`self_attn` ends in o_proj, `mlp` in down_proj) is *replayed*
+  once that linear is changed: its output is the changed linear applied to the input recorded while collecting the
+  linear's statistics, so later passes and the pass that produces the next block's inputs skip the child's work.
+Recorded inputs stay valid only while a stage changes nothing but the group it is given; when it changes anything
+else in the block (AWQ folds scales into a norm), they are dropped and later passes run the whole block again.
 
 The runner knows no algorithm: a stage says which linears it wants, what to accumulate, and what to do with a group.
 """
@@ -19,7 +25,8 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,6 +35,7 @@ from torch import nn
 
 from .distributed import shard, world
 from .models import decoder_layers
+from .memory import page_out
 from .resume import BlockCheckpoints
 
 if TYPE_CHECKING:
@@ -144,13 +152,17 @@ class _Captured:
     hidden: list[torch.Tensor] | SpilledBatches  # per batch: the input of the current block
     kwargs: list[list[dict[str, Any]]]  # per block, per batch: keyword arguments the model passed that block
 
-    def advance(self, block: nn.Module, index: int) -> None:
-        """Replace the inputs of block `index` by its outputs (the next block's inputs)."""
+    def advance(self, block: nn.Module, index: int, replays: dict[str, "_Replay"] | None = None) -> None:
+        """Replace the inputs of block `index` by its outputs (the next block's inputs); children with a replay
+        return their recorded outputs instead of running."""
         spilled = isinstance(self.hidden, SpilledBatches)
         outputs: Any = self.hidden.sibling(f"block-{index + 1:04d}") if spilled else []
-        with torch.no_grad():
-            for h, kw in zip(self.hidden, self.kwargs[index]):
+        with torch.no_grad(), _replaying(block, replays or {}) as cursor:
+            for i, (h, kw) in enumerate(zip(self.hidden, self.kwargs[index])):
+                cursor[0] = i
                 outputs.append(_output(block(h, **kw)))
+                if not spilled:
+                    self.hidden[i] = None  # used: free it while the outputs grow
         if spilled:
             self.hidden.remove()
         self.hidden = outputs
@@ -175,7 +187,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
     captured = _capture_inputs(model, layers, windows, batch_size, device,
                                SpilledBatches(spill / "block-0000") if spill is not None else None)
     start = time.perf_counter()
-    known: dict[tuple[str, ...], list[list[str]]] = {}  # blocks of one layout share their input groups
+    known: dict[tuple[str, ...], _Layout] = {}  # blocks of one layout share their input groups
     for index, block in enumerate(layers):
         prefix = _prefix(model, block)
         if stream is not None:
@@ -190,19 +202,19 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
         wanted = tuple(n for n, m in block.named_modules()
                        if isinstance(m, nn.Linear) and stage.wants(f"{prefix}.{n}", m))
         if wanted not in known:
-            known[wanted] = [[n[len(prefix) + 1:] for n in g] for g in
-                             _input_groups(block, prefix, captured.hidden[0], captured.kwargs[index][0], stage)]
-        groups = [[f"{prefix}.{n}" for n in g] for g in known[wanted]]
+            known[wanted] = _layout(block, prefix, captured.hidden[0], captured.kwargs[index][0], stage)
+        groups = [[f"{prefix}.{n}" for n in g] for g in known[wanted].groups]
+        state = _BlockState(known[wanted])
         if sequential:
-            resume: list[_Resume] = []  # at most one; a list so that a pass that cannot use it drops it first
             for names in groups:
-                _process_group(block, prefix, names, captured, index, stage, resume)
-            resume.clear()
+                _process_group(block, prefix, names, captured, index, stage, state)
+            state.resume = None
         else:
             _process_block(block, prefix, groups, captured, index, stage)
         if checkpoints is not None:
             checkpoints.store(index, block, prefix)
-        captured.advance(block, index)
+        captured.advance(block, index, state.replays)
+        del state  # the replayed outputs: freed before the next block starts
         block.to(home)
         if stream is not None:
             stream.release(index, block)
@@ -281,18 +293,37 @@ def _output(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, (tuple, list)) else result
 
 
-def _input_groups(block: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict[str, Any],
-                  stage: LayerwiseStage) -> list[list[str]]:
-    """Wanted linears grouped by the input tensor they read, in execution order (found on one batch)."""
+@dataclass
+class _Layout:
+    """How a block's wanted linears are arranged (names relative to the block), found on one batch."""
+
+    groups: list[list[str]]  # linears grouped by the input tensor they read, in execution order
+    tails: dict[str, tuple[str, int]]  # child -> (its last wanted linear, whose output is the child's output;
+    #                                    the length of the tuple the child returns, 0 for a bare tensor)
+
+
+def _layout(block: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict[str, Any],
+            stage: LayerwiseStage) -> _Layout:
     seen: list[tuple[str, torch.Tensor, int]] = []
+    linear_out: dict[str, list[torch.Tensor]] = {}
+    child_out: dict[str, list[Any]] = {}
+    wanted = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and stage.wants(f"{prefix}.{n}", m)]
+    if not wanted:
+        return _Layout([], {})
     handles = []
-    for name, module in block.named_modules():
-        if isinstance(module, nn.Linear) and stage.wants(f"{prefix}.{name}", module):
-            def hook(mod, args, _name=f"{prefix}.{name}"):
-                seen.append((_name, args[0], args[0]._version))
-            handles.append(module.register_forward_pre_hook(hook))
-    if not handles:
-        return []
+    for name in wanted:
+        def pre(mod, args, _name=name):
+            seen.append((_name, args[0], args[0]._version))
+
+        def post(mod, args, out, _name=name):
+            linear_out.setdefault(_name, []).append(out)
+        module = block.get_submodule(name)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    for cname, child in block.named_children():
+        if any(n.startswith(cname + ".") for n in wanted):
+            def child_post(mod, args, out, _name=cname):
+                child_out.setdefault(_name, []).append(out)
+            handles.append(child.register_forward_hook(child_post))
     try:
         with torch.no_grad():
             block(hidden, **kwargs)
@@ -307,7 +338,20 @@ def _input_groups(block: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: d
         else:
             groups.append([name])
         last = (tensor, version)
-    return groups
+    tails: dict[str, tuple[str, int]] = {}
+    for cname, outs in child_out.items():
+        inside = [n for n, _, _ in seen if n.startswith(cname + ".")]
+        if len(outs) != 1 or len(inside) != len(set(inside)):
+            continue  # a child or linear that runs twice per pass cannot be replayed from one recorded input
+        out, arity = outs[0], 0
+        if isinstance(out, (tuple, list)):
+            if not out or any(o is not None for o in out[1:]):
+                continue
+            out, arity = out[0], len(out)
+        tail = inside[-1]
+        if linear_out.get(tail, [None])[-1] is out and any(g[0] == tail for g in groups):
+            tails[cname] = (tail, arity)
+    return _Layout(groups, tails)
 
 
 def _process_block(block: nn.Module, prefix: str, groups: list[list[str]], captured: _Captured, index: int,
@@ -339,49 +383,195 @@ class _Resume:
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
 
 
+class _Rows:
+    """One tensor per batch ([..., features], the leading dims holding `counts[i]` rows), all in one allocation.
+    Tens of separate tensors of a few MB each fragment the heap (a freed one rarely fits the next), and the process
+    keeps the holes; one large allocation goes back to the system when freed."""
+
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+        self.starts = [sum(counts[:i]) for i in range(len(counts))]
+        self.buffer: torch.Tensor | None = None
+        self.shapes: list[torch.Size] = []
+
+    def append(self, t: torch.Tensor) -> bool:
+        """Store the next batch's tensor; False when it does not fit the layout (then nothing is stored)."""
+        i = len(self.shapes)
+        if i >= len(self.counts) or t.shape[:-1].numel() != self.counts[i]:
+            return False
+        if self.buffer is None:
+            self.buffer = torch.empty(sum(self.counts), t.shape[-1], dtype=t.dtype, device=t.device)
+        elif (t.shape[-1], t.dtype, t.device) != (self.buffer.shape[1], self.buffer.dtype, self.buffer.device):
+            return False
+        self.buffer[self.starts[i] : self.starts[i] + self.counts[i]].copy_(t.reshape(-1, t.shape[-1]))
+        self.shapes.append(t.shape)
+        return True
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        assert self.buffer is not None
+        width = self.shapes[i][-1]
+        flat = self.buffer.view(-1)[self.starts[i] * width : (self.starts[i] + self.counts[i]) * width]
+        return flat.view(self.shapes[i])
+
+    def map_(self, fn: Any) -> None:
+        """Replace every batch's tensor by fn(tensor), in place when the result is not wider (batch i's result
+        only overwrites rows of batches up to i, already read), else in a new allocation."""
+        assert self.buffer is not None
+        results = _Rows(self.counts)
+        for i in range(len(self)):
+            y = fn(self[i])
+            if y.shape[-1] > self.buffer.shape[1] or y.dtype != self.buffer.dtype:
+                results.append(y)
+                continue
+            width = y.shape[-1]
+            self.buffer.view(-1)[self.starts[i] * width : (self.starts[i] + self.counts[i]) * width].copy_(
+                y.reshape(-1))
+            self.shapes[i] = y.shape
+        if len(results):
+            if len(results) != len(self):
+                raise RuntimeError("a replayed child's outputs changed width between batches")
+            self.buffer, self.shapes = results.buffer, results.shapes
+
+
+@dataclass
+class _Replay:
+    """A child's output for every batch, computed once its last linear was changed (see the module docstring)."""
+
+    outputs: _Rows
+    arity: int  # the length of the tuple the child returns, 0 for a bare tensor
+
+    def result(self, i: int) -> Any:
+        y = self.outputs[i]
+        return (y,) + (None,) * (self.arity - 1) if self.arity else y
+
+
+@dataclass
+class _BlockState:
+    """What the sequential passes over one block keep from one group to the next."""
+
+    layout: _Layout
+    resume: _Resume | None = None
+    replays: dict[str, _Replay] = field(default_factory=dict)
+
+    def drop(self) -> None:
+        self.resume = None
+        self.replays = {}
+
+    def reaches_cheaply(self, child: str) -> bool:
+        """Whether a pass of the whole block reaches `child` at little cost: every child before it with calibrated
+        linears is replayed (recording the child's inputs would then save nothing but memory)."""
+        order = list(dict.fromkeys(g[0].split(".")[0] for g in self.layout.groups))
+        return all(c in self.replays for c in order[: order.index(child)])
+
+
+@contextmanager
+def _replaying(block: nn.Module, replays: dict[str, _Replay]) -> Iterator[list[int]]:
+    """Children with a replay return their output for the batch at cursor[0] instead of running."""
+    cursor = [0]
+    saved = {}
+    for name, replay in replays.items():
+        child = block.get_submodule(name)
+        saved[name] = child.__dict__.get("forward")  # an instance-level wrapper (accelerate's hooks) comes back
+
+        def forward(*args: Any, _r: _Replay = replay, **kwargs: Any) -> Any:
+            return _r.result(cursor[0])
+        child.forward = forward
+    try:
+        yield cursor
+    finally:
+        for name, old in saved.items():
+            child = block.get_submodule(name)
+            if old is None:
+                del child.forward
+            else:
+                child.forward = old
+
+
+def _fingerprint(block: nn.Module, skip: list[str]) -> dict[str, Any]:
+    """Identity and version of every module, parameter and buffer of `block` outside the modules `skip`."""
+    inside = tuple(n + "." for n in skip)
+    fp: dict[str, Any] = {}
+    for n, m in block.named_modules():
+        if n not in skip and not n.startswith(inside):
+            fp["module " + n] = id(m)
+    for n, t in [*block.named_parameters(), *block.named_buffers()]:
+        if not n.startswith(inside):
+            fp["tensor " + n] = (id(t), t.data_ptr(), t._version, tuple(t.shape))
+    return fp
+
+
 def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _Captured, index: int,
-                   stage: LayerwiseStage, holder: list[_Resume]) -> None:
-    """Collect one group's statistic and let the stage change the group; `holder` passes recorded child inputs
-    from one group to the next (and is emptied before a pass that cannot use them, so memory holds one set)."""
-    modules = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names}
+                   stage: LayerwiseStage, state: _BlockState) -> None:
+    """Collect one group's statistic and let the stage change the group; `state` carries recorded child inputs and
+    replays from one group to the next (memory holds one set of recorded child inputs)."""
+    rel = [n[len(prefix) + 1 :] for n in names]
+    modules = {n: block.get_submodule(r) for n, r in zip(names, rel)}
     first = modules[names[0]]
-    child_name = names[0][len(prefix) + 1 :].split(".")[0]
+    child_name = rel[0].split(".")[0]
     child = block.get_submodule(child_name)
+    spilled = isinstance(captured.hidden, SpilledBatches)  # no recorded copies either: passes re-run the block
+    tail = state.layout.tails.get(child_name)
+    is_tail = tail is not None and tail[0] == rel[0] and not spilled
     acc = stage.accumulator(first)
     calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []
+    tail_inputs = _Rows([h.shape[:-1].numel() for h in captured.hidden]) if is_tail else None
+    fits = [True]
 
     def stop(mod, args):
         acc.add(args[0])
+        if tail_inputs is not None and fits[0]:
+            fits[0] = tail_inputs.append(args[0])
         raise _Stop
 
     def record(mod, args, kwargs):
         calls[-1].append((args, kwargs))
 
     handles = [first.register_forward_pre_hook(stop)]
-    # spilled inputs: no recorded copy of a child's inputs either (the next group re-runs the block instead)
-    if child is not first and not isinstance(captured.hidden, SpilledBatches):
+    # no group in the child is left after its tail; a whole-block pass that is cheap needs no recorded inputs
+    if child is not first and not is_tail and not spilled and not state.reaches_cheaply(child_name):
         handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
-    resume = holder.pop() if holder else None
-    reuse = resume is not None and resume.child == child_name
-    if not reuse:
-        resume = None
+    resume, state.resume = state.resume, None
     try:
         with torch.no_grad():
-            inputs = resume.calls if reuse else zip(captured.hidden, captured.kwargs[index])
-            for a, kw in inputs:
-                calls.append([])
-                try:
-                    if reuse:
+            if resume is not None and resume.child == child_name:
+                pending = resume.calls
+                del resume
+                while pending:
+                    a, kw = pending.pop(0)  # popped: each batch's recorded input is freed once used
+                    calls.append([])
+                    try:
                         child(*a, **kw)
-                    else:
-                        block(a, **kw)
-                except _Stop:
-                    pass
+                    except _Stop:
+                        pass
+            else:
+                del resume
+                with _replaying(block, state.replays) as cursor:
+                    for i, (h, kw) in enumerate(zip(captured.hidden, captured.kwargs[index])):
+                        cursor[0] = i
+                        calls.append([])
+                        try:
+                            block(h, **kw)
+                        except _Stop:
+                            pass
     finally:
         for h in handles:
             h.remove()
-    del resume, inputs
     _combine(acc)
+    before = _fingerprint(block, rel)
+    old = [t for m in modules.values() for t in [*m.parameters(), *m.buffers()]]
     stage.process(index, block, {n: (m, acc) for n, m in modules.items()})
-    if child is not first and all(len(c) == 1 for c in calls):  # else: no shortcut for the next group
-        holder.append(_Resume(child_name, [c[0] for c in calls]))
+    kept = {id(t) for m in (block.get_submodule(r) for r in rel) for t in [*m.parameters(), *m.buffers()]}
+    page_out([t for t in old if id(t) not in kept])
+    del old
+    if _fingerprint(block, rel) != before:  # the stage changed more than the group: recorded inputs are stale
+        state.drop()
+        return
+    if tail_inputs is not None and fits[0] and len(tail_inputs) == len(calls):
+        with torch.no_grad():
+            tail_inputs.map_(block.get_submodule(rel[0]))  # the changed linear: the child's outputs from now on
+        state.replays[child_name] = _Replay(tail_inputs, tail[1])
+    elif calls and all(len(c) == 1 for c in calls):  # recorded (once per batch): the next group in the child resumes
+        state.resume = _Resume(child_name, [c[0] for c in calls])

@@ -78,3 +78,21 @@ def test_calibration_activations_go_to_disk_when_they_would_not_fit(tmp_path, to
     assert streamed.report["memory"]["activations_on_disk"] is True
     assert file_hashes(streamed.output / "safetensors") == file_hashes(whole.output / "safetensors")
     assert not list(tmp_path.glob(".streamed*"))
+
+
+def test_paging_out_a_file_backed_tensor_changes_no_data(tmp_path):
+    """page_out reclaims the pages of weights read from a file mapping; the data, should anything still use the
+    tensor, reads back unchanged. Memory of the heap is left alone."""
+    import torch
+
+    from compressor.memory import page_out
+
+    values = torch.randn(1 << 20)
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel())
+    assert not mapped.untyped_storage().resizable()  # the kind of storage page_out acts on
+    assert torch.equal(mapped, values)
+    heap = values.clone()
+    page_out([mapped, heap])
+    assert torch.equal(mapped, values) and torch.equal(heap, values)

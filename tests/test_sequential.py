@@ -151,6 +151,69 @@ def test_each_group_is_calibrated_on_the_inputs_left_by_earlier_changes(family):
         assert torch.allclose(got, torch.cat(real[name]), atol=1e-4), name
 
 
+def _real_linear_inputs(model, ids, names, batch_size):
+    real = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda m, a, n=n: real.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in names]
+    with torch.no_grad():
+        for batch in ids.split(batch_size):
+            model(batch)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in real.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_stage_that_changes_more_than_its_group_still_gets_true_inputs(family):
+    """A stage may change modules outside the group it is given (AWQ folds scales into the norm in front of q/k/v or
+    gate/up, or into up_proj in front of down_proj). Inputs the runner recorded before such a change are stale: each
+    group must still get its real input in the model as it stands when the group's turn comes."""
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (5, 24))
+    checked = []
+
+    class FoldIntoNorms(Recorder):
+        def process(self, block_index, block, group):
+            super().process(block_index, block, group)
+            (name, (module, acc)), *_ = group.items()
+            got = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[id(acc)]])
+            real = _real_linear_inputs(model, ids, {name}, 2)[name]
+            assert torch.allclose(got, real, atol=1e-4), name
+            checked.append(name)
+            with torch.no_grad():
+                for norm in (m for n, m in block.named_modules() if n.endswith("norm") and hasattr(m, "weight")):
+                    norm.weight.mul_(1.25)  # every norm of the block, the ones in front of the next groups too
+                next(m for n, m in block.named_modules() if n.endswith("up_proj")).weight.mul_(0.5)
+
+    run_layerwise(model, ids, FoldIntoNorms(), batch_size=2)
+    assert len(checked) == 4 * model.config.num_hidden_layers
+
+
+def test_each_operation_of_a_block_runs_once_per_batch():
+    """The cost of true-sequential calibration: replaying `self_attn` and `mlp` from their changed last linear, every
+    linear layer (and so the attention between q/k/v and o) runs once per batch per block, plus one probe batch per
+    block layout, not once per group as plain re-runs of the block would."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (6, 24))
+    calls = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):  # a forward hook: counts only the calls that computed something
+            m.register_forward_hook(lambda m, a, out, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+
+    class Halve(Recorder):
+        def process(self, block_index, block, group):
+            super().process(block_index, block, group)
+            for module, _ in group.values():
+                module.weight.data.mul_(0.5)
+
+    run_layerwise(model, ids, Halve(), batch_size=2)  # 3 batches
+    probe = {n: 1 if ".layers.0." in n else 0 for n in calls}  # all blocks share block 0's layout
+    for name, count in calls.items():
+        assert count - probe[name] == 3, (name, count)
+    assert len(calls) == 7 * model.config.num_hidden_layers  # lm_head: never run while calibrating
+
+
 def test_one_pass_mode_collects_every_group_on_the_unchanged_block():
     """sequential=False: each group's statistic comes from the block as it was, even after earlier groups changed;
     the next block still receives the changed block's output."""

@@ -20,8 +20,12 @@ MAX_DAMP = 1.0  # retries multiply the dampening by 10 up to this fraction of th
 @dataclass
 class GPTQResult:
     qweight: QuantizedTensor
-    loss: float  # sum over rows of the Hessian-weighted squared error GPTQ minimizes
+    row_loss: torch.Tensor  # per output row: the Hessian-weighted squared error GPTQ minimizes
     damp: float  # dampening that made the Hessian positive definite
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
 
 
 @dataclass
@@ -122,7 +126,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
     codes = codes.t()
     inv = torch.argsort(perm)
     qt = QuantizedTensor(codes[:, inv].to(torch.uint8), scales.half(), zeros.to(torch.uint8), bits, gs, symmetric)
-    return GPTQResult(qt, float(losses.sum()), factor.damp)
+    return GPTQResult(qt, losses, factor.damp)
 
 
 @contextmanager

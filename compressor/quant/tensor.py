@@ -61,6 +61,11 @@ class QuantizedTensor:
             return ((codes - zeros.unsqueeze(2)) * scales.unsqueeze(2)).view(out, inp)
         return (self.codes.to(dtype) - zeros[:, g]) * scales[:, g]
 
+    def rows(self, rows: slice) -> "QuantizedTensor":
+        """The output rows `rows` (e.g. one layer of a stacked q/k/v weight), in tensors of their own."""
+        return QuantizedTensor(self.codes[rows].clone(), self.scales[rows].clone(), self.zeros[rows].clone(),
+                               self.bits, self.group_size, self.symmetric, self.g_idx)
+
     def nbytes_packed(self) -> int:
         """Bytes of codes at `bits` each plus fp16 scales and zero points at `bits` each (storage, not memory)."""
         out, inp = self.codes.shape

@@ -191,9 +191,19 @@ class _GPTQStage(_HessianStage):
         cfg = self.cfg
         _, acc = next(iter(group.values()))
         factor = factorize(acc.hessian, cfg.act_order, cfg.damp)  # shared by the group: one input, one Hessian
-        for name, (module, _) in group.items():
-            bits, group_size = self.widths[name]
-            res = gptq_quantize(module.weight.detach(), None, bits, group_size, cfg.symmetric,
-                                act_order=cfg.act_order, block_size=cfg.block_size, clip_search=cfg.clip_search,
-                                factor=factor)
-            _replace(self.model, name, module, res.qweight, self.report, loss=res.loss, damp=res.damp)
+        by_width: dict[tuple[int, int], list[str]] = {}
+        for name in group:
+            by_width.setdefault(self.widths[name], []).append(name)
+        for (bits, group_size), names in by_width.items():
+            # GPTQ treats rows independently: layers that share the Hessian and the grid are solved as one stacked
+            # weight, so the per-column loop runs once for q/k/v (or gate/up) instead of once per layer
+            stacked = torch.cat([group[n][0].weight.detach() for n in names])
+            res = gptq_quantize(stacked, None, bits, group_size, cfg.symmetric, act_order=cfg.act_order,
+                                block_size=cfg.block_size, clip_search=cfg.clip_search, factor=factor)
+            start = 0
+            for name in names:
+                module = group[name][0]
+                rows = slice(start, start + module.out_features)
+                start = rows.stop
+                _replace(self.model, name, module, res.qweight.rows(rows), self.report,
+                         loss=float(res.row_loss[rows].sum()), damp=res.damp)

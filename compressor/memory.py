@@ -1,0 +1,42 @@
+"""Keeping the resident size of a long run to what is alive (Linux, glibc; no-ops elsewhere)."""
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def page_out(tensors: list[torch.Tensor]) -> None:
+    """Ask the kernel to reclaim the pages of tensors that are being dropped.
+
+    Weights loaded from a safetensors file live in a read-only mapping of that file, which stays mapped while any
+    tensor of the file is alive: a replaced layer's float weight would stay resident until the end of the run.
+    MADV_PAGEOUT reclaims clean file pages at once and changes no data (a page still in use by another tensor is
+    read back from the file when touched), so this is safe whoever else holds the tensor."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    page = mmap.PAGESIZE
+    for t in tensors:
+        if t.device.type != "cpu" or t.untyped_storage().resizable():  # heap memory: freed normally
+            continue
+        start = -(-t.untyped_storage().data_ptr() // page) * page
+        end = (t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) // page * page
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+def return_freed_memory_to_the_system() -> None:
+    """glibc keeps freed heap memory for reuse, and after the first large free it serves allocations up to that size
+    from the heap: a block's tensors freed would stay resident. Large allocations from their own mappings (returned
+    on free) and a trim after each block keep the resident size to what is alive. No-op outside glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up gets its own mapping (fixed, not adaptive)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
