@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .models import ModelError, ModelSource, decoder_layers, load_config, parameter_count, resolve
+from .memory import return_freed_memory_to_the_system
 from .recipe import ModelConfig
 from .resume import BlockCheckpoints
-from .memory import return_freed_memory_to_the_system
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 
 import torch
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def page_out(tensors: list[torch.Tensor]) -> None:
@@ -16,9 +25,8 @@ def page_out(tensors: list[torch.Tensor]) -> None:
     tensor of the file is alive: a replaced layer's float weight would stay resident until the end of the run.
     MADV_PAGEOUT reclaims clean file pages at once and changes no data (a page still in use by another tensor is
     read back from the file when touched), so this is safe whoever else holds the tensor."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return
     page = mmap.PAGESIZE
     for t in tensors:
@@ -34,9 +42,11 @@ def return_freed_memory_to_the_system() -> None:
     """glibc keeps freed heap memory for reuse, and after the first large free it serves allocations up to that size
     from the heap: a block's tensors freed would stay resident. Large allocations from their own mappings (returned
     on free) and a trim after each block keep the resident size to what is alive. No-op outside glibc."""
+    libc = _libc()
+    if libc is None:
+        return
     try:
-        libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up gets its own mapping (fixed, not adaptive)
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
+    except AttributeError:  # not glibc
         pass
