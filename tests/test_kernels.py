@@ -87,7 +87,7 @@ CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, C
     "narrow": (16, 32, 1, 4, 3, True), "split": (16, 64, 3, 4, 3, True), "wide": (32, 128, 1, 4, 3, True),
     "wide-split": (64, 64, 2, 4, 3, True), "slabs": (16, 64, 3, 4, 3, False),
     "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True),
-    "gemv-narrow": (1, 16, 2, 1, 1, True, True)}
+    "gemv-narrow": (1, 16, 2, 1, 1, True, True), "gemv-fp32": (1, 32, 2, 2, 1, True, True, False)}
 
 
 @needs_triton
@@ -196,3 +196,23 @@ def test_gemv_split_k_leaves_its_workspace_zeroed_for_the_next_call():
         assert float((y.double() - exact).norm() / exact.norm()) < TOLERANCE[torch.float16]
     sums, counts = triton_qmm._WORKSPACE[(str(x.device), 2 * 40, 2 * 2)]
     assert not sums.any() and not counts.any()
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,half2", [(4, True), (4, False), (8, False)])
+def test_gemv_whose_last_split_runs_past_k_reads_no_activation_beyond_it(bits, half2):
+    """K a whole number of tiles, but not of tiles per split: the last program's second tile lies past K. The
+    activations there are NaN (a row of a wider buffer); read unmasked, 0 * NaN would spoil the output."""
+    from compressor.kernels import triton_qmm
+
+    k = 5 * 32 * (32 // bits)  # 5 tiles; split 3 gives 2 tiles per program, the last one runs past K
+    kw = pack_for_kernel(random_quantized(40, k, bits, 32, False, 5)).to(DEVICE)
+    wide = torch.full((1, k + 512), float("nan"))
+    wide[:, :k] = torch.randn(1, k, generator=torch.Generator().manual_seed(2))
+    x = wide.to(DEVICE, torch.float16)[:, :k]
+    cfg = triton_qmm.Config(1, 32, 3, 2, 1, gemv=True, half2=half2)
+    y = triton_qmm.quant_matmul(x, kw, config=cfg)
+    exact = x.double() @ reference.dequantize(kw).double()
+    assert torch.isfinite(y).all()
+    assert float((y.double() - exact).norm() / exact.norm()) < TOLERANCE[torch.float16]
+    assert triton_qmm.half2_applies(cfg, bits, torch.float16) == half2

@@ -120,7 +120,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
-def _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size,
+def _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size: tl.constexpr,
                BITS: tl.constexpr, SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr, EVEN_K: tl.constexpr,
                HAS_PERM: tl.constexpr, ASM: tl.constexpr):
     """acc [SUB, BLOCK_N] += the activations times tile `t` of the weights, given its packed `words` [SUB, BLOCK_N]."""
@@ -160,17 +160,130 @@ def _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, off
     return acc
 
 
+# Two float16 codes per instruction (4-bit weights, float16 activations): a 32-bit word holds 8 codes, and one lop3
+# moves two of them (bits 0-3 and 16-19, or 4-7 and 20-23) into the mantissas of a pair of float16 1024.0 (f16x2).
+# The pair of rows j and j + 4 of a tile shares an instruction; j < 4 and j >= 4 lie in different groups when groups
+# are 128 rows, so each half of an f16x2 sum has one group's scale.
+_H2_MAGIC = tl.constexpr(0x64006400)  # 1024.0 in both halves: 1024 + q for the low nibble of each half
+_H2_SIXTEENTH = tl.constexpr(0x2C002C00)  # 1/16 in both halves: (1024 + 16 q) / 16 = 64 + q for the high nibble
+
+
+@triton.jit
+def _pack_h2(lo, hi):
+    """float16 pairs as int32: `lo` in the low half (an f16x2's first element)."""
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _half(pair, HIGH: tl.constexpr):
+    """One half of int32 f16x2 pairs as float16 (the emulation of the paired instructions)."""
+    if HIGH:
+        return ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    return (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _h2_pair(src, x2, zc, part, ODD: tl.constexpr, ASM: tl.constexpr):
+    """part (f16x2) += x2 * (q - z) for the two codes of `src` at bits 0-3 and 16-19 (ODD: 4-7 and 20-23).
+
+    zc is 1024 + z for even pairs and -(64 + z) for odd ones; both give q - z exactly in float16. Three instructions
+    for two weights: lop3, sub (or fma), fma."""
+    MASK: tl.constexpr = 0x00F000F0 if ODD else 0x000F000F
+    if ASM:
+        if ODD:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a, d; lop3.b32 a, $1, $5, $6, 0xEA; fma.rn.f16x2 d, a, $7, $3; "
+                "fma.rn.f16x2 $0, d, $2, $4; }", "=r,r,r,r,r,r,r,r",
+                [src, x2, zc, part, src * 0 + MASK, src * 0 + _H2_MAGIC, src * 0 + _H2_SIXTEENTH],
+                dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 a, d; lop3.b32 a, $1, $5, $6, 0xEA; sub.rn.f16x2 d, a, $3; fma.rn.f16x2 $0, d, $2, $4; }",
+            "=r,r,r,r,r,r,r", [src, x2, zc, part, src * 0 + MASK, src * 0 + _H2_MAGIC],
+            dtype=tl.int32, is_pure=True, pack=1)
+    a = (src & MASK) | _H2_MAGIC
+    out_lo = _h2_lane(_half(a, False), _half(x2, False), _half(zc, False), _half(part, False), ODD)
+    out_hi = _h2_lane(_half(a, True), _half(x2, True), _half(zc, True), _half(part, True), ODD)
+    return _pack_h2(out_lo, out_hi)
+
+
+@triton.jit
+def _h2_lane(a, x, zc, part, ODD: tl.constexpr):
+    if ODD:
+        d = a * 0.0625 + zc
+    else:
+        d = a - zc
+    return (d * x + part).to(tl.float16)
+
+
+@triton.jit
+def _h2_flush(acc, part, s_lo, s_hi, ASM: tl.constexpr):
+    """acc (float32) += each half of the f16x2 sums `part` times its group's scale."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $2; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
+            "fma.rn.f32 a, a, $3, $1; fma.rn.f32 $0, b, $4, a; }", "=f,f,r,f,f",
+            [acc, part, s_lo, s_hi], dtype=tl.float32, is_pure=True, pack=1)
+    return acc + _half(part, False).to(tl.float32) * s_lo + _half(part, True).to(tl.float32) * s_hi
+
+
+@triton.jit
+def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size: tl.constexpr,
+                  SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr,
+                  ASM: tl.constexpr):
+    """_gemv_tile for 4-bit codes and float16 activations, two codes per instruction (see _H2_MAGIC).
+
+    Each half of an f16x2 sum collects at most 4 products before it is scaled into the float32 accumulator. The
+    activations are divided by 16 first so that 4 products of (q - z) <= 15 stay far from float16's range, as the
+    dequantized weights would; the scale is multiplied by 16 in float32 to match (exact: powers of two)."""
+    high_words = words >> 8  # codes 2, 3, 6, 7 moved where codes 0, 1, 4, 5 were
+    part = words * 0
+    for p in tl.static_range(4):  # pair p: codes p and p + 4 of each word, rows p*SUB.. and (p+4)*SUB..
+        row_lo = t * SUBR * 8 + p * SUBR
+        row_hi = row_lo + 4 * SUBR
+        if p % GROUP_SLABS == 0:  # a new group for this pair's rows: scales and zeros of both halves
+            m_lo = n_mask & ((row_lo + 0 * offs_n) < K)
+            m_hi = n_mask & ((row_hi + 0 * offs_n) < K)
+            s_lo = tl.load(s_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0)
+            s_hi = tl.load(s_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0)
+            z_lo = tl.load(z_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
+            z_hi = tl.load(z_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
+            zc_even = _pack_h2(z_lo + 1024.0, z_hi + 1024.0)[None, :]
+            zc_odd = _pack_h2(-(z_lo + 64.0), -(z_hi + 64.0))[None, :]
+            sc_lo = (s_lo.to(tl.float32) * 16.0)[None, :]
+            sc_hi = (s_hi.to(tl.float32) * 16.0)[None, :]
+        r_lo = row_lo + offs_r
+        r_hi = row_hi + offs_r
+        if HAS_PERM:
+            r_lo = tl.load(perm_ptr + r_lo, mask=r_lo < K, other=0)
+            r_hi = tl.load(perm_ptr + r_hi, mask=r_hi < K, other=0)
+        if EVEN_K:
+            x_lo = tl.load(x_row + r_lo)
+            x_hi = tl.load(x_row + r_hi)
+        else:
+            x_lo = tl.load(x_row + r_lo, mask=(row_lo + offs_r) < K, other=0.0)
+            x_hi = tl.load(x_row + r_hi, mask=(row_hi + offs_r) < K, other=0.0)
+        x2 = _pack_h2((x_lo * 0.0625).to(tl.float16), (x_hi * 0.0625).to(tl.float16))[:, None]
+        src = words if p < 2 else high_words
+        part = _h2_pair(src, x2, zc_even if p % 2 == 0 else zc_odd, part, p % 2 == 1, ASM)
+        if (p + 1) % GROUP_SLABS == 0 or p == 3:  # the last pair with these scales
+            acc = _h2_flush(acc, part, sc_lo, sc_hi, ASM)
+            part = words * 0
+    return acc
+
+
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
-                 M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
+                 M, N, K, group_size: tl.constexpr, tiles_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
                  EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 ASM: tl.constexpr):
+                 HALF2: tl.constexpr, ASM: tl.constexpr):
     """One row of activations times the weights on the CUDA cores, in float32: the decode case.
 
     A tensor-core product pads a batch of 1 to 16 rows and rearranges its operand through shared memory; here each
     thread multiplies the weights it unpacked into its own partial sums [SUB, BLOCK_N], and the SUB axis is summed
-    once at the end. Per weight: a shift, one and-or, two fused multiply-adds (see below).
+    once at the end. Per weight: a shift, one and-or, two fused multiply-adds (see below). The group size is a
+    compile-time constant: finding a row's group is then a shift, not an integer division per tile. HALF2 (4-bit codes,
+    float16 activations): two weights per instruction, about 2 instructions per weight (see _gemv_tile_h2).
 
     With SPLIT > 1 the programs of one column block add their partial sums into the float32 workspace `ws`; the last
     one to finish (counted in `count`) takes the total, resetting `ws` and `count` to zero for the next call, and
@@ -197,8 +310,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
         words = words_next
         more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
         words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
-        acc = _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size,
-                         BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
+        if HALF2:
+            acc = _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K,
+                                group_size, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
+        else:
+            acc = _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size,
+                             BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
     y = tl.sum(acc, axis=0)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
     if SPLIT == 1:
@@ -231,10 +348,11 @@ class Config:
     num_stages: int = 2
     one_dot: bool = True  # one product per tile (False: one per 32-row slab, the scale applied after it)
     gemv: bool = False  # one activation row per program on the CUDA cores (block_m, one_dot unused)
+    half2: bool = True  # the GEMV on 4-bit codes and float16 activations: two weights per instruction
 
     def __str__(self) -> str:
         if self.gemv:
-            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}"
+            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + ("" if self.half2 else "-fp32")
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
                 + ("" if self.one_dot else "-slabs"))
 
@@ -303,10 +421,18 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         x2, kw.qweight, kw.scales, kw.zeros, kw.perm if kw.perm is not None else kw.qweight,
         bias if bias is not None else kw.scales, out, ws, count,
         m, n, k, kw.group_size, per_split, x2.stride(0), out.stride(0),
-        BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw), EVEN_K=k % kw.rows_per_tile == 0,
-        HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split, ASM=x2.is_cuda,
+        # Unmasked activation loads only where every program's tiles lie inside K: the last split may run past the end.
+        BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw),
+        EVEN_K=k % kw.rows_per_tile == 0 and (k // kw.rows_per_tile) % per_split == 0,
+        HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
+        HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=x2.is_cuda,
         num_warps=cfg.num_warps, num_stages=1)
     return out
+
+
+def half2_applies(cfg: Config, bits: int, dtype: torch.dtype) -> bool:
+    """Whether `cfg` runs the two-weights-per-instruction GEMV (bfloat16 sums of 4 products would lose too much)."""
+    return cfg.gemv and cfg.half2 and bits == 4 and dtype == torch.float16
 
 
 def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
@@ -321,7 +447,7 @@ def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
 GEMV_ROWS = 4  # up to this many activation rows, the CUDA-core kernel is a candidate (it unpacks once per row)
 
 
-def candidates(m: int, bits: int = 4) -> list[Config]:
+def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> list[Config]:
     """Configurations worth timing for a batch of `m` rows: the CUDA-core kernel for one row, both kernels up to
     GEMV_ROWS, the tensor-core kernel (at least 16 rows per tile) beyond."""
     out: list[Config] = []
@@ -329,6 +455,8 @@ def candidates(m: int, bits: int = 4) -> list[Config]:
         # block columns x warps (8 to 32 partial sums per thread and slab) x split
         for bn, warps in ((16, 1), (32, 2), (64, 2), (64, 4), (128, 4)):
             out += [Config(1, bn, split, warps, 1, gemv=True) for split in (1, 2, 4, 8, 16, 32)]
+        if half2_applies(Config(1, 32, 1, gemv=True), bits, dtype):  # the float32 GEMV stays a candidate
+            out += [Config(1, 32, split, 2, 1, gemv=True, half2=False) for split in (1, 2, 4, 8, 16, 32)]
         if m == 1:
             return out
     bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
@@ -389,7 +517,7 @@ def tune(m: int, kw: KernelWeight, dtype: torch.dtype, configs: list[Config] | N
                       for _ in range(copies_for(kw.nbytes(), most=32) - 1)]
     want = reference.quant_matmul(x, kw).float()
     timed = []
-    for cfg in configs or candidates(m, kw.bits):
+    for cfg in configs or candidates(m, kw.bits, dtype):
         try:
             got = quant_matmul(x, kw, config=cfg).float()
             # A configuration the compiler gets wrong must never win on speed: check it against the reference first.
