@@ -214,12 +214,15 @@ def kernels(torch, cuda, results, deadline, store) -> None:
                     tried = triton_qmm.TUNING_LOG.get((triton_qmm.bucket(m), k, n, bits, kw.group_size, False,
                                                        torch.float16), [])
                     for variant, pick in (("gemv_half2_us", lambda c: c.startswith("gemv") and "fp32" not in c),
-                                          ("gemv_fp32_us", lambda c: c.endswith("-fp32"))):
+                                          ("gemv_fp32_us", lambda c: c.endswith("-fp32")),
+                                          ("mma_half2_us", lambda c: c.startswith("m") and c[-1].isdigit()),
+                                          ("mma_fp16_us", lambda c: c.endswith("-fp16"))):
                         row[variant] = min((us for c, us in tried if pick(c)), default=None)
                     rows.append(row)
                     log(f"W{bits} k{k} n{n} m{m}: fp16 {t_fp16:.1f} us, ours {t_ours:.1f} us "
-                        f"({row['speedup']:.2f}x, {gbps:.0f} GB/s), err {err:.1e}, {cfg}; tuning best half2 "
-                        f"{row['gemv_half2_us']} us, fp32 {row['gemv_fp32_us']} us")
+                        f"({row['speedup']:.2f}x, {gbps:.0f} GB/s), err {err:.1e}, {cfg}; best in tuning: GEMV "
+                        f"two codes per instruction {row['gemv_half2_us']} us, one {row['gemv_fp32_us']} us; "
+                        f"tensor cores two {row['mma_half2_us']} us, one {row['mma_fp16_us']} us")
                 del w16s, kw, kws, wq
 
 
@@ -467,12 +470,14 @@ def summary(results: dict) -> str:
                     geo = math.exp(sum(math.log(s) for s in sp) / len(sp))
                     lines.append(f"- W{bits} batch {m}: speedup geomean {geo:.2f}x, min {min(sp):.2f}x, "
                                  f"max {max(sp):.2f}x over {len(sp)} shapes")
-                pairs = [(r["gemv_fp32_us"], r["gemv_half2_us"]) for r in k["rows"] if r["bits"] == bits and r["m"] == 1
-                         and r.get("gemv_fp32_us") and r.get("gemv_half2_us")]
-                if pairs and m == 1:
-                    geo = math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs))
-                    lines.append(f"- W{bits} batch 1: the two-weights-per-instruction GEMV against the float32 one "
-                                 f"(best of each in tuning): {geo:.2f}x geomean over {len(pairs)} shapes")
+                for kind, one, two in (("GEMV", "gemv_fp32_us", "gemv_half2_us"),
+                                       ("tensor-core kernel", "mma_fp16_us", "mma_half2_us")):
+                    pairs = [(r[one], r[two]) for r in k["rows"] if r["bits"] == bits and r["m"] == m
+                             and r.get(one) and r.get(two)]
+                    if pairs:
+                        geo = math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs))
+                        lines.append(f"  - {kind}, two codes per instruction against one (best of each in tuning): "
+                                     f"{geo:.2f}x geomean over {len(pairs)} shapes")
         lines.append("")
     elif k:
         lines += [f"kernels: {k}", ""]

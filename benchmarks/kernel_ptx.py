@@ -5,9 +5,8 @@ ptxas) and count its PTX instructions per weight: what bounds the kernel before 
     python benchmarks/kernel_ptx.py [--arch 90] [--bits 4] [--block-n 64] [--warps 4] [--stages 3] [--slabs]
     python benchmarks/kernel_ptx.py --gemv [--fp32] [--bits 4] [--block-n 32] [--warps 2]
 
-Prints the most frequent instructions, instructions per weight of one tile, shared memory, and keeps the PTX in
-benchmarks/out/ptx/. With --gemv (the CUDA-core decode kernel) it also disassembles the cubin with Triton's bundled
-cuobjdump and counts the machine (SASS) instructions of the loop over tiles per weight.
+Disassembles the cubin with Triton's bundled cuobjdump and prints the machine (SASS) instructions of the loop over
+tiles per weight of a thread, the most frequent ones and the registers; keeps the PTX and SASS in benchmarks/out/ptx/.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--slabs", action="store_true", help="the per-slab variant instead of one product per tile")
     ap.add_argument("--gemv", action="store_true", help="the CUDA-core kernel for one activation row")
-    ap.add_argument("--fp32", action="store_true", help="--gemv: the float32 variant, not two weights per instruction")
+    ap.add_argument("--fp32", action="store_true", help="the variant without two weights per instruction")
     ap.add_argument("--group", type=int, default=128, help="--gemv: rows per group (sets how often scales load)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "ptx")
     args = ap.parse_args()
@@ -40,89 +39,91 @@ def main() -> int:
     from triton.compiler import ASTSource, compile as triton_compile
 
     from compressor.kernels.layout import SUB
+    from compressor.kernels.triton_qmm import _gemv_kernel, _qmm_kernel
+
+    aligned_args = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "N", "K", "stride_xm", "stride_om")
+    if args.gemv:
+        kernel_fn = _gemv_kernel
+        sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "perm_ptr": "*i32",
+               "bias_ptr": "*fp16", "out_ptr": "*fp16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
+               "N": "i32", "K": "i32", "tiles_per_split": "i32", "stride_xm": "i32", "stride_om": "i32"}
+        per = 32 // args.bits
+        slabs = args.group // SUB
+        group_slabs = per if slabs % per == 0 else slabs if per % slabs == 0 else 1
+        consts = {"group_size": args.group, "BITS": args.bits, "SUBR": SUB, "BLOCK_N": args.block_n,
+                  "GROUP_SLABS": group_slabs, "EVEN_K": True, "HAS_PERM": False, "HAS_BIAS": False, "SPLIT": 1,
+                  "HALF2": args.bits == 4 and not args.fp32, "ASM": True}
+        options = {"num_warps": args.warps, "num_stages": 1}
+        name = (f"gemv_sm{args.arch}_w{args.bits}_g{args.group}_n{args.block_n}w{args.warps}"
+                + ("_fp32" if args.fp32 or args.bits != 4 else "_h2"))
+    else:
+        kernel_fn = _qmm_kernel
+        sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "perm_ptr": "*i32",
+               "bias_ptr": "*fp16", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+               "tiles_per_split": "i32", "stride_xm": "i32", "stride_om": "i32"}
+        consts = {"group_size": args.group, "BITS": args.bits, "SUBR": SUB, "BLOCK_M": args.block_m,
+                  "BLOCK_N": args.block_n,
+                  "MAGIC": 0x6400, "OFFSET": 1024.0, "ONE_DOT": not args.slabs, "HAS_PERM": False,
+                  "HAS_BIAS": False, "ATOMIC": True}
+        consts.update(extra_qmm_constants(args))
+        options = {"num_warps": args.warps, "num_stages": args.stages}
+        name = f"qmm_sm{args.arch}_w{args.bits}_m{args.block_m}n{args.block_n}w{args.warps}s{args.stages}" + \
+            ("_slabs" if args.slabs else "") + ("_fp32" if args.fp32 else "")
+    sig.update({k: "constexpr" for k in consts})
+    # As a launch on real shapes specializes them: pointers, sizes and strides divisible by 16 (vector loads).
+    aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(kernel_fn.arg_names) if k in aligned_args}
+    kernel = triton_compile(ASTSource(fn=kernel_fn, signature=sig, constexprs=consts, attrs=aligned),
+                            target=GPUTarget("cuda", args.arch, 32), options=options)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.ptx").write_text(kernel.asm["ptx"])
+    weights = SUB * (32 // args.bits) * args.block_n / (32 * args.warps)  # one tile's weights per thread
+    return count_sass(kernel, name, weights, args.out)
+
+
+def extra_qmm_constants(args) -> dict:
+    """Constants of _qmm_kernel this script sets only where the kernel has them."""
+    import inspect
+
     from compressor.kernels.triton_qmm import _qmm_kernel
 
-    if args.gemv:
-        return gemv(args, GPUTarget, ASTSource, triton_compile, SUB)
-    sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "perm_ptr": "*i32",
-           "bias_ptr": "*fp16", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
-           "tiles_per_split": "i32", "stride_xm": "i32", "stride_om": "i32"}
-    consts = {"BITS": args.bits, "SUBR": SUB, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n, "MAGIC": 0x6400,
-              "OFFSET": 1024.0, "ONE_DOT": not args.slabs, "HAS_PERM": False, "HAS_BIAS": False, "ATOMIC": True}
-    sig.update({k: "constexpr" for k in consts})
-    kernel = triton_compile(ASTSource(fn=_qmm_kernel, signature=sig, constexprs=consts),
-                            target=GPUTarget("cuda", args.arch, 32),
-                            options={"num_warps": args.warps, "num_stages": args.stages})
-    ptx = kernel.asm["ptx"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"qmm_sm{args.arch}_w{args.bits}_m{args.block_m}n{args.block_n}w{args.warps}s{args.stages}" + \
-        ("_slabs" if args.slabs else "")
-    (args.out / f"{name}.ptx").write_text(ptx)
-    ops = Counter(m.group(2) for m in re.finditer(r"^\s+(@!?%p\d+ )?([a-z][\w.:]*)", ptx, re.M))
-    # The loop body is emitted once (not unrolled over tiles): its instructions serve one tile of weights.
-    weights = SUB * (32 // args.bits) * args.block_n
-    per_thread = weights / (32 * args.warps)
-    total = sum(ops.values())
-    print(f"{name}: {total} PTX instructions, {kernel.metadata.shared} bytes of shared memory")
-    print(f"one tile = {weights} weights = {per_thread:.0f} per thread; "
-          f"~{total / per_thread:.1f} instructions per weight per thread (all of the kernel's code over one tile)")
-    for op, n in ops.most_common(25):
-        print(f"  {n:6d}  {op}")
-    return 0
+    params = inspect.signature(_qmm_kernel.fn).parameters
+    per, slabs = 32 // args.bits, args.group // 32
+    out = {"HALF2": not args.fp32} if "HALF2" in params else {}
+    if "GROUP_SLABS" in params:
+        out["GROUP_SLABS"] = per if slabs % per == 0 else slabs if per % slabs == 0 else 1
+    if "ASM" in params:
+        out["ASM"] = True
+    return out
 
 
-def gemv(args, GPUTarget, ASTSource, triton_compile, SUB) -> int:
+def count_sass(kernel, name: str, weights: float, out: Path) -> int:
+    """Disassemble the cubin with Triton's bundled cuobjdump; count the loop over tiles per weight of a thread."""
     import subprocess
     import tempfile
 
     import triton
 
-    from compressor.kernels.triton_qmm import _gemv_kernel
-
-    sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "perm_ptr": "*i32",
-           "bias_ptr": "*fp16", "out_ptr": "*fp16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
-           "K": "i32", "tiles_per_split": "i32", "stride_xm": "i32", "stride_om": "i32"}
-    per = 32 // args.bits
-    slabs = args.group // SUB
-    group_slabs = per if slabs % per == 0 else slabs if per % slabs == 0 else 1
-    consts = {"group_size": args.group, "BITS": args.bits, "SUBR": SUB, "BLOCK_N": args.block_n,
-              "GROUP_SLABS": group_slabs, "EVEN_K": True,
-              "HAS_PERM": False, "HAS_BIAS": False, "SPLIT": 1, "HALF2": args.bits == 4 and not args.fp32,
-              "ASM": True}
-    sig.update({k: "constexpr" for k in consts})
-    # As a launch on real shapes specializes them: pointers, sizes and strides divisible by 16 (vector loads).
-    aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(_gemv_kernel.arg_names)
-               if k in ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "N", "K", "stride_xm", "stride_om")}
-    kernel = triton_compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=consts, attrs=aligned),
-                            target=GPUTarget("cuda", args.arch, 32), options={"num_warps": args.warps,
-                                                                              "num_stages": 1})
-    name = (f"gemv_sm{args.arch}_w{args.bits}_g{args.group}_n{args.block_n}w{args.warps}"
-            + ("_fp32" if args.fp32 or args.bits != 4 else "_h2"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.ptx").write_text(kernel.asm["ptx"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    (args.out / f"{name}.sass").write_text(sass)
+    (out / f"{name}.sass").write_text(sass)
     lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
-    # The loop over tiles: from the first backward branch's target to that branch.
     labels = {int(m.group(1), 16): i for i, ln in enumerate(lines) if (m := re.match(r"\s+/\*([0-9a-f]{4})\*/", ln))}
     loop = None
-    for i, ln in enumerate(lines):
-        m = re.search(r"BRA `?\(?\.L_x_\d+\)?|BRA 0x([0-9a-f]+)", ln)
-        if m and m.group(1) and int(m.group(1), 16) in labels and labels[int(m.group(1), 16)] < i:
+    for i, ln in enumerate(lines):  # the loop over tiles: the first backward branch, from its target to itself
+        m = re.search(r"BRA 0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) in labels and labels[int(m.group(1), 16)] < i:
             loop = lines[labels[int(m.group(1), 16)]:i + 1]
             break
     if loop is None:
-        print(f"{name}: no backward branch found; SASS kept in {args.out / (name + '.sass')}")
+        print(f"{name}: no backward branch found; SASS kept in {out / (name + '.sass')}")
         return 1
     ops = Counter(re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", ln).split(" ")[0].split(".")[0]
                   for ln in loop)
-    weights = SUB * per * args.block_n / (32 * args.warps)  # one tile's weights per thread
-    resources = " ".join(re.findall(r"(?:REG|STACK|LOCAL):\d+", usage))
+    resources = " ".join(re.findall(r"(?:REG|STACK|LOCAL|SHARED):\d+", usage))
     print(f"{name}: loop over tiles {len(loop)} SASS instructions for {weights:.0f} weights per thread: "
           f"{len(loop) / weights:.2f} per weight; {resources}")
     for op, n in ops.most_common(16):

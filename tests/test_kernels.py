@@ -82,12 +82,14 @@ def _kernel_case(bits, group_size, act_order, m, k, n, dtype, config, seed, bias
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
 
-CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, CUDA-core kernel: narrow and wide
-    # blocks, split-K (atomic), several row blocks, the per-slab variant, and the GEMV with and without split-K
+CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, CUDA-core kernel, two codes per
+    # instruction (4-bit float16): narrow and wide blocks, split-K (atomic), several row blocks, the per-slab variant,
+    # the GEMV with and without split-K, and both kernels with one code per instruction
     "narrow": (16, 32, 1, 4, 3, True), "split": (16, 64, 3, 4, 3, True), "wide": (32, 128, 1, 4, 3, True),
     "wide-split": (64, 64, 2, 4, 3, True), "slabs": (16, 64, 3, 4, 3, False),
     "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True),
-    "gemv-narrow": (1, 16, 2, 1, 1, True, True), "gemv-fp32": (1, 32, 2, 2, 1, True, True, False)}
+    "gemv-narrow": (1, 16, 2, 1, 1, True, True), "gemv-fp32": (1, 32, 2, 2, 1, True, True, False),
+    "wide-fp16": (32, 64, 2, 4, 3, True, False, False)}
 
 
 @needs_triton

@@ -42,10 +42,11 @@ def _activations(x_ptr, perm_ptr, offs_m, m_mask, rows, K, stride_xm, HAS_PERM: 
 
 @triton.jit
 def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
-                M, N, K, group_size, tiles_per_split, stride_xm, stride_om,
+                M, N, K, group_size: tl.constexpr, tiles_per_split, stride_xm, stride_om,
                 BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MAGIC: tl.constexpr, OFFSET: tl.constexpr, ONE_DOT: tl.constexpr,
-                HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+                HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, HALF2: tl.constexpr,
+                GROUP_SLABS: tl.constexpr, ASM: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
@@ -71,7 +72,10 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
         words = words_next
         more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
         words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
-        if ONE_DOT:
+        if HALF2:
+            acc = _mma_tile_h2(acc, words, t, x_ptr, s_ptr, z_ptr, perm_ptr, offs_m, m_mask, offs_n, n_mask, offs_r,
+                               N, K, group_size, stride_xm, SUBR, GROUP_SLABS, HAS_PERM, ASM)
+        elif ONE_DOT:
             # The whole tile at once: shift j of the words holds rows j*SUB.., so [PACK, SUB, N] is the tile's rows
             # in order; one dequantization, one layout change and one tensor-core product per tile.
             offs_j = tl.arange(0, PACK)
@@ -272,6 +276,69 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
 
 
 @triton.jit
+def _mma_tile_h2(acc, words, t, x_ptr, s_ptr, z_ptr, perm_ptr, offs_m, m_mask, offs_n, n_mask, offs_r, N, K,
+                 group_size: tl.constexpr, stride_xm, SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr,
+                 HAS_PERM: tl.constexpr, ASM: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += activations times tile `t` (4-bit codes, float16) on the tensor cores, dequantizing
+    two codes per instruction (see _H2_MAGIC): lop3, sub (or fma), mul give the pair of weights (q - z) * s of
+    slabs p and p + 4, exactly as the reference rounds them. The pair's halves are interleaved into one [2 SUB, N]
+    operand (row 2r + h is slab p + 4h, row r), and the activations are gathered in that order."""
+    high_words = words >> 8
+    for p in tl.static_range(4):
+        row_lo = t * SUBR * 8 + p * SUBR
+        row_hi = row_lo + 4 * SUBR
+        if p % GROUP_SLABS == 0:  # a new group for this pair's rows
+            m_lo = n_mask & ((row_lo + 0 * offs_n) < K)
+            m_hi = n_mask & ((row_hi + 0 * offs_n) < K)
+            s_lo = tl.load(s_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
+            s_hi = tl.load(s_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
+            z_lo = tl.load(z_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
+            z_hi = tl.load(z_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
+            zc_even = _pack_h2(z_lo + 1024.0, z_hi + 1024.0)[None, :]
+            zc_odd = _pack_h2(-(z_lo + 64.0), -(z_hi + 64.0))[None, :]
+            s2 = _pack_h2(s_lo, s_hi)[None, :]
+        w2 = _h2_dequant(words if p < 2 else high_words, zc_even if p % 2 == 0 else zc_odd, s2, p % 2 == 1, ASM)
+        lo, hi = _split_h2(w2, ASM)
+        acc += tl.dot(_activations(x_ptr, perm_ptr, offs_m, m_mask, row_lo + offs_r, K, stride_xm, HAS_PERM), lo)
+        acc += tl.dot(_activations(x_ptr, perm_ptr, offs_m, m_mask, row_hi + offs_r, K, stride_xm, HAS_PERM), hi)
+    return acc
+
+
+@triton.jit
+def _h2_dequant(src, zc, s2, ODD: tl.constexpr, ASM: tl.constexpr):
+    """The float16 pairs (q - z) * s of the codes of `src` at bits 0-3 and 16-19 (ODD: 4-7 and 20-23), as int32."""
+    MASK: tl.constexpr = 0x00F000F0 if ODD else 0x000F000F
+    if ASM:
+        if ODD:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a, d; lop3.b32 a, $1, $4, $5, 0xEA; fma.rn.f16x2 d, a, $6, $2; "
+                "mul.rn.f16x2 $0, d, $3; }", "=r,r,r,r,r,r,r",
+                [src, zc, s2, src * 0 + MASK, src * 0 + _H2_MAGIC, src * 0 + _H2_SIXTEENTH],
+                dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 a, d; lop3.b32 a, $1, $4, $5, 0xEA; sub.rn.f16x2 d, a, $2; mul.rn.f16x2 $0, d, $3; }",
+            "=r,r,r,r,r,r", [src, zc, s2, src * 0 + MASK, src * 0 + _H2_MAGIC],
+            dtype=tl.int32, is_pure=True, pack=1)
+    a = (src & MASK) | _H2_MAGIC
+    if ODD:
+        d_lo = (_half(a, False) * 0.0625 + _half(zc, False)).to(tl.float16)
+        d_hi = (_half(a, True) * 0.0625 + _half(zc, True)).to(tl.float16)
+    else:
+        d_lo = (_half(a, False) - _half(zc, False)).to(tl.float16)
+        d_hi = (_half(a, True) - _half(zc, True)).to(tl.float16)
+    return _pack_h2((d_lo * _half(s2, False)).to(tl.float16), (d_hi * _half(s2, True)).to(tl.float16))
+
+
+@triton.jit
+def _split_h2(pair, ASM: tl.constexpr):
+    """int32 f16x2 pairs as two float16 tensors (free on the GPU: the halves of a register)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    return _half(pair, False), _half(pair, True)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
                  M, N, K, group_size: tl.constexpr, tiles_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
@@ -348,13 +415,13 @@ class Config:
     num_stages: int = 2
     one_dot: bool = True  # one product per tile (False: one per 32-row slab, the scale applied after it)
     gemv: bool = False  # one activation row per program on the CUDA cores (block_m, one_dot unused)
-    half2: bool = True  # the GEMV on 4-bit codes and float16 activations: two weights per instruction
+    half2: bool = True  # 4-bit codes and float16 activations: two weights per dequantizing instruction
 
     def __str__(self) -> str:
         if self.gemv:
             return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + ("" if self.half2 else "-fp32")
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
-                + ("" if self.one_dot else "-slabs"))
+                + ("" if self.one_dot else "-slabs") + ("" if self.half2 or not self.one_dot else "-fp16"))
 
 
 def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
@@ -384,6 +451,7 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
                       BITS=kw.bits, SUBR=SUB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MAGIC=magic, OFFSET=offset,
                       ONE_DOT=cfg.one_dot,
                       HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
+                      HALF2=half2_applies(cfg, kw.bits, x.dtype), GROUP_SLABS=group_slabs(kw), ASM=x.is_cuda,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if atomic:
         out = out.to(x.dtype)
@@ -431,8 +499,9 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
 
 
 def half2_applies(cfg: Config, bits: int, dtype: torch.dtype) -> bool:
-    """Whether `cfg` runs the two-weights-per-instruction GEMV (bfloat16 sums of 4 products would lose too much)."""
-    return cfg.gemv and cfg.half2 and bits == 4 and dtype == torch.float16
+    """Whether `cfg` dequantizes two codes per instruction: 4-bit codes and float16 activations (the GEMV's sums of
+    4 products would lose too much in bfloat16), and for the tensor cores one product per tile."""
+    return cfg.half2 and bits == 4 and dtype == torch.float16 and (cfg.gemv or cfg.one_dot)
 
 
 def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
@@ -470,6 +539,8 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
                     out.append(Config(bm, bn, split, 8 if tile_rows * bn >= 256 * 128 else 4, 3))
                 if bn in (64, 128) and split in (2, 4, 8):  # the per-slab variant where it came closest
                     out.append(Config(bm, bn, split, 4, 3, one_dot=False))
+                if bits == 4 and bn in (64, 128) and split <= 4 and dtype == torch.float16:
+                    out.append(Config(bm, bn, split, 4, 3, half2=False))  # one code per instruction stays a choice
     return out
 
 
