@@ -164,10 +164,10 @@ def _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, off
     return acc
 
 
-# Two float16 codes per instruction (4-bit weights, float16 activations): a 32-bit word holds 8 codes, and one lop3
-# moves two of them (bits 0-3 and 16-19, or 4-7 and 20-23) into the mantissas of a pair of float16 1024.0 (f16x2).
-# The pair of rows j and j + 4 of a tile shares an instruction; j < 4 and j >= 4 lie in different groups when groups
-# are 128 rows, so each half of an f16x2 sum has one group's scale.
+# Two float16 codes per instruction (4-bit codes, float16 activations): a 32-bit word holds 8 codes, and one lop3
+# moves two of them (bits 0-3 and 16-19, or 4-7 and 20-23) into the mantissas of a pair of float16 1024.0 (f16x2);
+# one more instruction gives both q - z exactly. The pair is rows j and j + 4 of a tile: with groups of 128 rows they
+# lie in different groups, so each half of a pair has its own scale and zero.
 _H2_MAGIC = tl.constexpr(0x64006400)  # 1024.0 in both halves: 1024 + q for the low nibble of each half
 _H2_SIXTEENTH = tl.constexpr(0x2C002C00)  # 1/16 in both halves: (1024 + 16 q) / 16 = 64 + q for the high nibble
 
@@ -180,43 +180,65 @@ def _pack_h2(lo, hi):
 
 @triton.jit
 def _half(pair, HIGH: tl.constexpr):
-    """One half of int32 f16x2 pairs as float16 (the emulation of the paired instructions)."""
+    """One half of int32 f16x2 pairs as float16."""
     if HIGH:
         return ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     return (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def _h2_pair(src, x2, zc, part, ODD: tl.constexpr, ASM: tl.constexpr):
-    """part (f16x2) += x2 * (q - z) for the two codes of `src` at bits 0-3 and 16-19 (ODD: 4-7 and 20-23).
+def _h2_groups(s_ptr, z_ptr, row_lo, row_hi, offs_n, n_mask, N, K, group_size: tl.constexpr):
+    """Scales [BLOCK_N] (float16) of the groups of rows `row_lo` and `row_hi`, and their zeros as the f16x2 constants
+    _h2_codes subtracts: 1024 + z for even pairs, -(64 + z) for odd ones."""
+    m_lo = n_mask & ((row_lo + 0 * offs_n) < K)
+    m_hi = n_mask & ((row_hi + 0 * offs_n) < K)
+    s_lo = tl.load(s_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
+    s_hi = tl.load(s_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
+    z_lo = tl.load(z_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
+    z_hi = tl.load(z_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
+    return s_lo, s_hi, _pack_h2(z_lo + 1024.0, z_hi + 1024.0), _pack_h2(-(z_lo + 64.0), -(z_hi + 64.0))
 
-    zc is 1024 + z for even pairs and -(64 + z) for odd ones; both give q - z exactly in float16. Three instructions
-    for two weights: lop3, sub (or fma), fma."""
+
+@triton.jit
+def _h2_codes(src, zc, ODD: tl.constexpr, ASM: tl.constexpr):
+    """q - z (f16x2, exact) for the codes of `src` at bits 0-3 and 16-19 (ODD: 4-7 and 20-23): lop3, then sub (or
+    fma by 1/16 for the high nibbles, which land as 1024 + 16 q)."""
     MASK: tl.constexpr = 0x00F000F0 if ODD else 0x000F000F
     if ASM:
         if ODD:
             return tl.inline_asm_elementwise(
-                "{ .reg .b32 a, d; lop3.b32 a, $1, $5, $6, 0xEA; fma.rn.f16x2 d, a, $7, $3; "
-                "fma.rn.f16x2 $0, d, $2, $4; }", "=r,r,r,r,r,r,r,r",
-                [src, x2, zc, part, src * 0 + MASK, src * 0 + _H2_MAGIC, src * 0 + _H2_SIXTEENTH],
+                "{ .reg .b32 a; lop3.b32 a, $1, $3, $4, 0xEA; fma.rn.f16x2 $0, a, $5, $2; }", "=r,r,r,r,r,r",
+                [src, zc, src * 0 + MASK, src * 0 + _H2_MAGIC, src * 0 + _H2_SIXTEENTH],
                 dtype=tl.int32, is_pure=True, pack=1)
         return tl.inline_asm_elementwise(
-            "{ .reg .b32 a, d; lop3.b32 a, $1, $5, $6, 0xEA; sub.rn.f16x2 d, a, $3; fma.rn.f16x2 $0, d, $2, $4; }",
-            "=r,r,r,r,r,r,r", [src, x2, zc, part, src * 0 + MASK, src * 0 + _H2_MAGIC],
-            dtype=tl.int32, is_pure=True, pack=1)
-    a = (src & MASK) | _H2_MAGIC
-    out_lo = _h2_lane(_half(a, False), _half(x2, False), _half(zc, False), _half(part, False), ODD)
-    out_hi = _h2_lane(_half(a, True), _half(x2, True), _half(zc, True), _half(part, True), ODD)
-    return _pack_h2(out_lo, out_hi)
+            "{ .reg .b32 a; lop3.b32 a, $1, $3, $4, 0xEA; sub.rn.f16x2 $0, a, $2; }", "=r,r,r,r,r",
+            [src, zc, src * 0 + MASK, src * 0 + _H2_MAGIC], dtype=tl.int32, is_pure=True, pack=1)
+    a = (src & MASK) | _H2_MAGIC  # the same arithmetic half by half, for Triton's interpreter
+    if ODD:
+        return _pack_h2((_half(a, False) * 0.0625 + _half(zc, False)).to(tl.float16),
+                        (_half(a, True) * 0.0625 + _half(zc, True)).to(tl.float16))
+    return _pack_h2((_half(a, False) - _half(zc, False)).to(tl.float16),
+                    (_half(a, True) - _half(zc, True)).to(tl.float16))
 
 
 @triton.jit
-def _h2_lane(a, x, zc, part, ODD: tl.constexpr):
-    if ODD:
-        d = a * 0.0625 + zc
-    else:
-        d = a - zc
-    return (d * x + part).to(tl.float16)
+def _h2_mul(a, b, ASM: tl.constexpr):
+    """a * b for int32 f16x2 pairs, rounded to float16 once."""
+    if ASM:
+        return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return _pack_h2((_half(a, False) * _half(b, False)).to(tl.float16),
+                    (_half(a, True) * _half(b, True)).to(tl.float16))
+
+
+@triton.jit
+def _h2_fma(a, b, c, ASM: tl.constexpr):
+    """a * b + c for int32 f16x2 pairs, rounded to float16 once."""
+    if ASM:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return _pack_h2((_half(a, False) * _half(b, False) + _half(c, False)).to(tl.float16),
+                    (_half(a, True) * _half(b, True) + _half(c, True)).to(tl.float16))
 
 
 @triton.jit
@@ -231,10 +253,20 @@ def _h2_flush(acc, part, s_lo, s_hi, ASM: tl.constexpr):
 
 
 @triton.jit
+def _split_h2(pair, ASM: tl.constexpr):
+    """int32 f16x2 pairs as two float16 tensors (free on the GPU: the halves of a register)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    return _half(pair, False), _half(pair, True)
+
+
+@triton.jit
 def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size: tl.constexpr,
                   SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr,
                   ASM: tl.constexpr):
-    """_gemv_tile for 4-bit codes and float16 activations, two codes per instruction (see _H2_MAGIC).
+    """_gemv_tile for 4-bit codes and float16 activations, two codes per instruction: per pair of weights a lop3, a
+    sub (or fma) and an fma with the activations.
 
     Each half of an f16x2 sum collects at most 4 products before it is scaled into the float32 accumulator. The
     activations are divided by 16 first so that 4 products of (q - z) <= 15 stay far from float16's range, as the
@@ -244,15 +276,8 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
     for p in tl.static_range(4):  # pair p: codes p and p + 4 of each word, rows p*SUB.. and (p+4)*SUB..
         row_lo = t * SUBR * 8 + p * SUBR
         row_hi = row_lo + 4 * SUBR
-        if p % GROUP_SLABS == 0:  # a new group for this pair's rows: scales and zeros of both halves
-            m_lo = n_mask & ((row_lo + 0 * offs_n) < K)
-            m_hi = n_mask & ((row_hi + 0 * offs_n) < K)
-            s_lo = tl.load(s_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0)
-            s_hi = tl.load(s_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0)
-            z_lo = tl.load(z_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
-            z_hi = tl.load(z_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
-            zc_even = _pack_h2(z_lo + 1024.0, z_hi + 1024.0)[None, :]
-            zc_odd = _pack_h2(-(z_lo + 64.0), -(z_hi + 64.0))[None, :]
+        if p % GROUP_SLABS == 0:  # a new group for this pair's rows
+            s_lo, s_hi, zc_even, zc_odd = _h2_groups(s_ptr, z_ptr, row_lo, row_hi, offs_n, n_mask, N, K, group_size)
             sc_lo = (s_lo.to(tl.float32) * 16.0)[None, :]
             sc_hi = (s_hi.to(tl.float32) * 16.0)[None, :]
         r_lo = row_lo + offs_r
@@ -267,8 +292,9 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
             x_lo = tl.load(x_row + r_lo, mask=(row_lo + offs_r) < K, other=0.0)
             x_hi = tl.load(x_row + r_hi, mask=(row_hi + offs_r) < K, other=0.0)
         x2 = _pack_h2((x_lo * 0.0625).to(tl.float16), (x_hi * 0.0625).to(tl.float16))[:, None]
-        src = words if p < 2 else high_words
-        part = _h2_pair(src, x2, zc_even if p % 2 == 0 else zc_odd, part, p % 2 == 1, ASM)
+        zc = zc_even if p % 2 == 0 else zc_odd
+        d = _h2_codes(words if p < 2 else high_words, zc[None, :], p % 2 == 1, ASM)
+        part = _h2_fma(d, x2, part, ASM)
         if (p + 1) % GROUP_SLABS == 0 or p == 3:  # the last pair with these scales
             acc = _h2_flush(acc, part, sc_lo, sc_hi, ASM)
             part = words * 0
@@ -279,63 +305,22 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
 def _mma_tile_h2(acc, words, t, x_ptr, s_ptr, z_ptr, perm_ptr, offs_m, m_mask, offs_n, n_mask, offs_r, N, K,
                  group_size: tl.constexpr, stride_xm, SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr,
                  HAS_PERM: tl.constexpr, ASM: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += activations times tile `t` (4-bit codes, float16) on the tensor cores, dequantizing
-    two codes per instruction (see _H2_MAGIC): lop3, sub (or fma), mul give the pair of weights (q - z) * s of
-    slabs p and p + 4, exactly as the reference rounds them. The pair's halves are interleaved into one [2 SUB, N]
-    operand (row 2r + h is slab p + 4h, row r), and the activations are gathered in that order."""
+    """acc [BLOCK_M, BLOCK_N] += activations times tile `t` (4-bit codes, float16) on the tensor cores, two codes
+    per instruction: lop3, sub (or fma), mul give the weights (q - z) * s of slabs p and p + 4 rounded as the
+    reference rounds them; the halves of each register feed the products of their slabs."""
     high_words = words >> 8
     for p in tl.static_range(4):
         row_lo = t * SUBR * 8 + p * SUBR
         row_hi = row_lo + 4 * SUBR
         if p % GROUP_SLABS == 0:  # a new group for this pair's rows
-            m_lo = n_mask & ((row_lo + 0 * offs_n) < K)
-            m_hi = n_mask & ((row_hi + 0 * offs_n) < K)
-            s_lo = tl.load(s_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
-            s_hi = tl.load(s_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
-            z_lo = tl.load(z_ptr + (row_lo // group_size) * N + offs_n, mask=m_lo, other=0.0).to(tl.float16)
-            z_hi = tl.load(z_ptr + (row_hi // group_size) * N + offs_n, mask=m_hi, other=0.0).to(tl.float16)
-            zc_even = _pack_h2(z_lo + 1024.0, z_hi + 1024.0)[None, :]
-            zc_odd = _pack_h2(-(z_lo + 64.0), -(z_hi + 64.0))[None, :]
+            s_lo, s_hi, zc_even, zc_odd = _h2_groups(s_ptr, z_ptr, row_lo, row_hi, offs_n, n_mask, N, K, group_size)
             s2 = _pack_h2(s_lo, s_hi)[None, :]
-        w2 = _h2_dequant(words if p < 2 else high_words, zc_even if p % 2 == 0 else zc_odd, s2, p % 2 == 1, ASM)
-        lo, hi = _split_h2(w2, ASM)
-        acc += tl.dot(_activations(x_ptr, perm_ptr, offs_m, m_mask, row_lo + offs_r, K, stride_xm, HAS_PERM), lo)
-        acc += tl.dot(_activations(x_ptr, perm_ptr, offs_m, m_mask, row_hi + offs_r, K, stride_xm, HAS_PERM), hi)
+        zc = zc_even if p % 2 == 0 else zc_odd
+        w_lo, w_hi = _split_h2(_h2_mul(_h2_codes(words if p < 2 else high_words, zc[None, :], p % 2 == 1, ASM), s2,
+                                       ASM), ASM)
+        acc += tl.dot(_activations(x_ptr, perm_ptr, offs_m, m_mask, row_lo + offs_r, K, stride_xm, HAS_PERM), w_lo)
+        acc += tl.dot(_activations(x_ptr, perm_ptr, offs_m, m_mask, row_hi + offs_r, K, stride_xm, HAS_PERM), w_hi)
     return acc
-
-
-@triton.jit
-def _h2_dequant(src, zc, s2, ODD: tl.constexpr, ASM: tl.constexpr):
-    """The float16 pairs (q - z) * s of the codes of `src` at bits 0-3 and 16-19 (ODD: 4-7 and 20-23), as int32."""
-    MASK: tl.constexpr = 0x00F000F0 if ODD else 0x000F000F
-    if ASM:
-        if ODD:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 a, d; lop3.b32 a, $1, $4, $5, 0xEA; fma.rn.f16x2 d, a, $6, $2; "
-                "mul.rn.f16x2 $0, d, $3; }", "=r,r,r,r,r,r,r",
-                [src, zc, s2, src * 0 + MASK, src * 0 + _H2_MAGIC, src * 0 + _H2_SIXTEENTH],
-                dtype=tl.int32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 a, d; lop3.b32 a, $1, $4, $5, 0xEA; sub.rn.f16x2 d, a, $2; mul.rn.f16x2 $0, d, $3; }",
-            "=r,r,r,r,r,r", [src, zc, s2, src * 0 + MASK, src * 0 + _H2_MAGIC],
-            dtype=tl.int32, is_pure=True, pack=1)
-    a = (src & MASK) | _H2_MAGIC
-    if ODD:
-        d_lo = (_half(a, False) * 0.0625 + _half(zc, False)).to(tl.float16)
-        d_hi = (_half(a, True) * 0.0625 + _half(zc, True)).to(tl.float16)
-    else:
-        d_lo = (_half(a, False) - _half(zc, False)).to(tl.float16)
-        d_hi = (_half(a, True) - _half(zc, True)).to(tl.float16)
-    return _pack_h2((d_lo * _half(s2, False)).to(tl.float16), (d_hi * _half(s2, True)).to(tl.float16))
-
-
-@triton.jit
-def _split_h2(pair, ASM: tl.constexpr):
-    """int32 f16x2 pairs as two float16 tensors (free on the GPU: the halves of a register)."""
-    if ASM:
-        return tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    return _half(pair, False), _half(pair, True)
 
 
 @triton.jit
