@@ -218,3 +218,28 @@ def test_gemv_whose_last_split_runs_past_k_reads_no_activation_beyond_it(bits, h
     assert torch.isfinite(y).all()
     assert float((y.double() - exact).norm() / exact.norm()) < TOLERANCE[torch.float16]
     assert triton_qmm.half2_applies(cfg, bits, torch.float16) == half2
+
+
+@needs_triton
+def test_two_codes_per_instruction_keep_massive_activations_finite():
+    """LLMs carry a few activations in the thousands. The float16 GEMV sums 4 products per half before scaling; its
+    activations are divided by 16 first, so a group of rows with |x| = 4000 against codes 15 from their zero must
+    neither overflow nor lose the output's precision (without the division a half would reach 240000). Both kernels,
+    float16."""
+    from compressor.kernels import triton_qmm
+
+    k, n = 512, 48
+    qt = random_quantized(n, k, 4, 128, False, 11)
+    qt.zeros.fill_(0)
+    qt.scales.fill_(1e-3)  # small weights, as in a real layer: the output itself stays within float16
+    qt.codes[:, :128] = 15  # the widest |q - z| in the first group, where the activations are largest
+    kw = pack_for_kernel(qt).to(DEVICE)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(4))
+    x[:, :128] = 4000.0 * torch.sign(x[:, :128])
+    x = x.to(DEVICE, torch.float16)
+    exact = x.double() @ reference.dequantize(kw).double()
+    for cfg in (triton_qmm.Config(1, 32, 1, 2, 1, gemv=True), triton_qmm.Config(16, 64, 1, 4, 3)):
+        assert triton_qmm.half2_applies(cfg, 4, torch.float16)
+        y = triton_qmm.quant_matmul(x, kw, config=cfg)
+        assert torch.isfinite(y).all(), cfg
+        assert float((y.double() - exact).norm() / exact.norm()) < TOLERANCE[torch.float16], cfg
