@@ -270,7 +270,8 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
 
     Each half of an f16x2 sum collects at most 4 products before it is scaled into the float32 accumulator. The
     activations are divided by 16 first so that 4 products of (q - z) <= 15 stay far from float16's range, as the
-    dequantized weights would; the scale is multiplied by 16 in float32 to match (exact: powers of two)."""
+    dequantized weights would; the scale is multiplied by 16 in float32 to match (exact: powers of two). A half
+    overflows only when 4 activations of one column pair exceed ~17000 in magnitude together."""
     high_words = words >> 8  # codes 2, 3, 6, 7 moved where codes 0, 1, 4, 5 were
     part = words * 0
     for p in tl.static_range(4):  # pair p: codes p and p + 4 of each word, rows p*SUB.. and (p+4)*SUB..
