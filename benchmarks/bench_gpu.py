@@ -74,7 +74,7 @@ def main() -> int:
         if triton_available():  # every candidate's time per tuned (batch bucket, shape): why a configuration won
             from compressor.kernels.triton_qmm import TUNING_LOG
 
-            results["tuning"] = {str(k): v[:8] for k, v in TUNING_LOG.items()}
+            results["tuning"] = {str(k): [(str(c), us) for c, us in v[:8]] for k, v in TUNING_LOG.items()}
         out_file.write_text(json.dumps(results, indent=2, default=str))
 
     sections = args.sections.split(",")
@@ -212,14 +212,15 @@ def kernels(torch, cuda, results, deadline, store) -> None:
                            "speedup": t_fp16 / t_ours, "rel_err": err, "config": str(cfg), "gbps": gbps,
                            "fp16_gbps": n * k * 2 / (t_fp16 * 1e-6) / 1e9,
                            "of_copy_bw": gbps / copy_gbps if copy_gbps else None}
-                    # The fastest of each GEMV variant in this shape's tuning: what two weights per instruction gave.
+                    # The fastest of each kernel, with two codes per instruction and with one, in this shape's
+                    # tuning: what the two-codes path gave.
                     tried = triton_qmm.TUNING_LOG.get((triton_qmm.bucket(m), k, n, bits, kw.group_size, False,
                                                        torch.float16), [])
-                    for variant, pick in (("gemv_half2_us", lambda c: c.startswith("gemv") and "fp32" not in c),
-                                          ("gemv_fp32_us", lambda c: c.endswith("-fp32")),
-                                          ("mma_half2_us", lambda c: c.startswith("m") and c[-1].isdigit()),
-                                          ("mma_fp16_us", lambda c: c.endswith("-fp16"))):
-                        row[variant] = min((us for c, us in tried if pick(c)), default=None)
+                    for variant, gemv, two in (("gemv_half2_us", True, True), ("gemv_fp32_us", True, False),
+                                               ("mma_half2_us", False, True), ("mma_fp16_us", False, False)):
+                        row[variant] = min((us for c, us in tried if c.gemv == gemv and c.one_dot
+                                            and triton_qmm.half2_applies(c, bits, torch.float16) == two),
+                                           default=None)
                     rows.append(row)
                     log(f"W{bits} k{k} n{n} m{m}: fp16 {t_fp16:.1f} us, ours {t_ours:.1f} us "
                         f"({row['speedup']:.2f}x, {gbps:.0f} GB/s), err {err:.1e}, {cfg}; best in tuning: GEMV "

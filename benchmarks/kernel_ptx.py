@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--slabs", action="store_true", help="the per-slab variant instead of one product per tile")
     ap.add_argument("--gemv", action="store_true", help="the CUDA-core kernel for one activation row")
-    ap.add_argument("--fp32", action="store_true", help="the variant without two weights per instruction")
+    ap.add_argument("--fp32", action="store_true", help="one code per instruction (the GEMV in float32)")
     ap.add_argument("--group", type=int, default=128, help="--gemv: rows per group (sets how often scales load)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "ptx")
     args = ap.parse_args()
@@ -39,7 +39,7 @@ def main() -> int:
     from triton.compiler import ASTSource, compile as triton_compile
 
     from compressor.kernels.layout import SUB
-    from compressor.kernels.triton_qmm import _gemv_kernel, _qmm_kernel
+    from compressor.kernels.triton_qmm import _gemv_kernel, _qmm_kernel, slabs_per_group
 
     aligned_args = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "N", "K", "stride_xm", "stride_om")
     if args.gemv:
@@ -47,11 +47,9 @@ def main() -> int:
         sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "perm_ptr": "*i32",
                "bias_ptr": "*fp16", "out_ptr": "*fp16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
                "N": "i32", "K": "i32", "tiles_per_split": "i32", "stride_xm": "i32", "stride_om": "i32"}
-        per = 32 // args.bits
-        slabs = args.group // SUB
-        group_slabs = per if slabs % per == 0 else slabs if per % slabs == 0 else 1
         consts = {"group_size": args.group, "BITS": args.bits, "SUBR": SUB, "BLOCK_N": args.block_n,
-                  "GROUP_SLABS": group_slabs, "EVEN_K": True, "HAS_PERM": False, "HAS_BIAS": False, "SPLIT": 1,
+                  "GROUP_SLABS": slabs_per_group(args.bits, args.group), "EVEN_K": True, "HAS_PERM": False,
+                  "HAS_BIAS": False, "SPLIT": 1,
                   "HALF2": args.bits == 4 and not args.fp32, "ASM": True}
         options = {"num_warps": args.warps, "num_stages": 1}
         name = (f"gemv_sm{args.arch}_w{args.bits}_g{args.group}_n{args.block_n}w{args.warps}"
@@ -64,11 +62,11 @@ def main() -> int:
         consts = {"group_size": args.group, "BITS": args.bits, "SUBR": SUB, "BLOCK_M": args.block_m,
                   "BLOCK_N": args.block_n,
                   "MAGIC": 0x6400, "OFFSET": 1024.0, "ONE_DOT": not args.slabs, "HAS_PERM": False,
-                  "HAS_BIAS": False, "ATOMIC": True}
-        consts.update(extra_qmm_constants(args))
+                  "HAS_BIAS": False, "ATOMIC": True, "HALF2": args.bits == 4 and not args.fp32,
+                  "GROUP_SLABS": slabs_per_group(args.bits, args.group), "ASM": True}
         options = {"num_warps": args.warps, "num_stages": args.stages}
         name = f"qmm_sm{args.arch}_w{args.bits}_m{args.block_m}n{args.block_n}w{args.warps}s{args.stages}" + \
-            ("_slabs" if args.slabs else "") + ("_fp32" if args.fp32 else "")
+            ("_slabs" if args.slabs else "") + ("_fp16" if args.fp32 or args.bits != 4 else "")
     sig.update({k: "constexpr" for k in consts})
     # As a launch on real shapes specializes them: pointers, sizes and strides divisible by 16 (vector loads).
     aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(kernel_fn.arg_names) if k in aligned_args}
@@ -78,22 +76,6 @@ def main() -> int:
     (args.out / f"{name}.ptx").write_text(kernel.asm["ptx"])
     weights = SUB * (32 // args.bits) * args.block_n / (32 * args.warps)  # one tile's weights per thread
     return count_sass(kernel, name, weights, args.out)
-
-
-def extra_qmm_constants(args) -> dict:
-    """Constants of _qmm_kernel this script sets only where the kernel has them."""
-    import inspect
-
-    from compressor.kernels.triton_qmm import _qmm_kernel
-
-    params = inspect.signature(_qmm_kernel.fn).parameters
-    per, slabs = 32 // args.bits, args.group // 32
-    out = {"HALF2": not args.fp32} if "HALF2" in params else {}
-    if "GROUP_SLABS" in params:
-        out["GROUP_SLABS"] = per if slabs % per == 0 else slabs if per % slabs == 0 else 1
-    if "ASM" in params:
-        out["ASM"] = True
-    return out
 
 
 def count_sass(kernel, name: str, weights: float, out: Path) -> int:

@@ -458,9 +458,14 @@ def _workspace(device: torch.device, sums: int, blocks: int) -> tuple[torch.Tens
 
 
 def group_slabs(kw: KernelWeight) -> int:
-    """How many consecutive 32-row slabs of a tile share their group's scales (the GEMV loads them once)."""
-    per, slabs = 32 // kw.bits, kw.group_size // SUB
-    if kw.group_size >= kw.in_features or (slabs and slabs % per == 0):
+    """How many consecutive 32-row slabs of a tile share their group's scales (the kernels load them once)."""
+    return slabs_per_group(kw.bits, kw.group_size if kw.group_size < kw.in_features else 0)
+
+
+def slabs_per_group(bits: int, group_size: int) -> int:
+    """group_slabs for `bits`-bit codes in groups of `group_size` rows (0: one group over the whole input)."""
+    per, slabs = 32 // bits, group_size // SUB
+    if group_size == 0 or (slabs and slabs % per == 0):
         return per
     return slabs if slabs and per % slabs == 0 else 1
 
@@ -484,10 +489,15 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
     return out
 
 
+def two_codes_possible(bits: int, dtype: torch.dtype) -> bool:
+    """4-bit codes and float16 activations: the only case with two codes per instruction (the GEMV's sums of 4
+    products would lose too much in bfloat16)."""
+    return bits == 4 and dtype == torch.float16
+
+
 def half2_applies(cfg: Config, bits: int, dtype: torch.dtype) -> bool:
-    """Whether `cfg` dequantizes two codes per instruction: 4-bit codes and float16 activations (the GEMV's sums of
-    4 products would lose too much in bfloat16), and for the tensor cores one product per tile."""
-    return cfg.half2 and bits == 4 and dtype == torch.float16 and (cfg.gemv or cfg.one_dot)
+    """Whether `cfg` dequantizes two codes per instruction (for the tensor cores: with one product per tile)."""
+    return cfg.half2 and two_codes_possible(bits, dtype) and (cfg.gemv or cfg.one_dot)
 
 
 def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
@@ -510,7 +520,7 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
         # block columns x warps (8 to 32 partial sums per thread and slab) x split
         for bn, warps in ((16, 1), (32, 2), (64, 2), (64, 4), (128, 4)):
             out += [Config(1, bn, split, warps, 1, gemv=True) for split in (1, 2, 4, 8, 16, 32)]
-        if half2_applies(Config(1, 32, 1, gemv=True), bits, dtype):  # the float32 GEMV stays a candidate
+        if two_codes_possible(bits, dtype):  # the float32 GEMV stays a candidate
             out += [Config(1, 32, split, 2, 1, gemv=True, half2=False) for split in (1, 2, 4, 8, 16, 32)]
         if m == 1:
             return out
@@ -525,7 +535,7 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
                     out.append(Config(bm, bn, split, 8 if tile_rows * bn >= 256 * 128 else 4, 3))
                 if bn in (64, 128) and split in (2, 4, 8):  # the per-slab variant where it came closest
                     out.append(Config(bm, bn, split, 4, 3, one_dot=False))
-                if bits == 4 and bn in (64, 128) and split <= 4 and dtype == torch.float16:
+                if two_codes_possible(bits, dtype) and bn in (64, 128) and split <= 4:
                     out.append(Config(bm, bn, split, 4, 3, half2=False))  # one code per instruction stays a choice
     return out
 
@@ -537,7 +547,7 @@ def default_config(m: int) -> Config:
 
 
 _TUNED: dict[tuple, Config] = {}
-TUNING_LOG: dict[tuple, list[tuple[str, float]]] = {}  # every candidate's time, fastest first (for benchmarks)
+TUNING_LOG: dict[tuple, list[tuple[Config, float]]] = {}  # every candidate's µs, fastest first (for benchmarks)
 
 
 def bucket(m: int) -> int:
@@ -556,7 +566,7 @@ def tuned_config(m: int, kw: KernelWeight, dtype: torch.dtype) -> Config:
     if kw.qweight.device.type != "cuda" or os.environ.get("COMPRESSOR_KERNEL_TUNING", "1") == "0":
         return default_config(m)
     timed = tune(bucket(m), kw, dtype)
-    TUNING_LOG[key] = [(str(c), round(us, 2)) for c, us in timed]
+    TUNING_LOG[key] = [(c, round(us, 2)) for c, us in timed]
     cfg = timed[0][0]
     _TUNED[key] = cfg
     return cfg
