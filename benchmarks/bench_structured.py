@@ -63,6 +63,11 @@ def main() -> None:
     ap.add_argument("--distill-minutes", type=float, default=None, help="also distill each pruned model for this "
                     "wall-clock budget (with --distill-steps as well: whichever ends first)")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    ap.add_argument("--distill-batch", type=int, default=8, help="windows per step")
+    ap.add_argument("--distill-seq-len", type=int, default=128, help="tokens per window (the 512-token calibration "
+                    "windows are cut into pieces of this length)")
+    ap.add_argument("--distill-teacher", default="live", choices=["live", "precomputed"])
     ap.add_argument("--speed-only", action="store_true", help="measure the files of the latest run in --out again "
                     "(e.g. on a quiet machine) and print the tables with its accuracy figures")
     ap.add_argument("--distill-only", action="store_true", help="distill the pruned models of the latest run in --out "
@@ -130,7 +135,8 @@ def main() -> None:
 
 def _distill_config(args) -> DistillConfig:
     return DistillConfig(steps=args.distill_steps or 1_000_000, max_minutes=args.distill_minutes, lr=args.distill_lr,
-                         batch_size=8, seq_len=128, eval_every=25, holdout=16)
+                         schedule=args.distill_schedule, batch_size=args.distill_batch, seq_len=args.distill_seq_len,
+                         teacher=args.distill_teacher, eval_every=25, holdout=16)
 
 
 def _distill_only(args) -> None:
@@ -161,7 +167,8 @@ def _distill_only(args) -> None:
     metrics = compare(TorchRuntime("torch float32", baseline),
                       [TorchRuntime(n, m) for n, m in {**pruned, **distilled}.items()], windows)
     base = metrics["torch float32"]["perplexity"]
-    lines = [f"Distillation: {cfg.max_minutes} min budget, lr {cfg.lr}, 8 x 128 tokens per step, teacher: unpruned",
+    lines = [f"Distillation: {cfg.max_minutes} min budget, lr {cfg.lr} ({cfg.schedule}), {cfg.batch_size} x "
+             f"{cfg.seq_len} tokens per step, teacher: unpruned ({cfg.teacher})",
              "", "| model | ppl | KL | top-1 | steps | seconds | gap closed |", "|---|---|---|---|---|---|---|",
              f"| unpruned | {base:.3f} | - | - | - | - | - |"]
     for name in pruned:

@@ -314,8 +314,11 @@ class DistillConfig(_Strict):
     """
 
     steps: int = Field(200, gt=0, description="optimizer steps at most (early stopping may end sooner)")
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (linear warmup over the first 5% of "
+    lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate (linear warmup over the first 5% of "
                                                   "steps, at most 25)")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="the learning rate after warmup: decayed to zero over `steps` or the `max_minutes` "
+                              "budget, whichever ends first, or kept constant")
     batch_size: int = Field(4, gt=0, description="windows per step")
     seq_len: int | None = Field(None, ge=8, description="tokens per window; longer windows are cut into pieces of "
                                                         "this length; default: the windows' own length")

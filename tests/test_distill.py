@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from compressor.algorithms.distillation import hidden_mse, logit_kl, teacher_top
 from compressor.algorithms.sparsity import sparsity_of
 from compressor.recipe import DistillConfig, PruneConfig, Recipe, RecipeError
 from compressor.stages.base import StageContext
-from compressor.stages.distill import apply_distill
+from compressor.stages.distill import apply_distill, learning_rate_factor
 from compressor.stages.prune import apply_prune
 
 
@@ -31,6 +32,19 @@ def test_logit_kl_is_the_token_mean_of_kl_and_scales_with_temperature():
     soft = (torch.softmax(t / 2, -1) * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum(-1).mean()
     assert float(logit_kl(s, t, temperature=2.0)) == pytest.approx(4 * float(soft), rel=1e-5)
     assert float(hidden_mse(2 * t, t)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_logit_kl_gradient_is_autograds_through_log_softmax(temperature):
+    """The loss has a hand-written backward (softmax(z) - p): it must match autograd through the textbook formula."""
+    g = torch.Generator().manual_seed(3)
+    s, t = 4 * torch.randn(3, 6, 97, generator=g), 4 * torch.randn(3, 6, 97, generator=g)
+    ours, ref = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    (2 * logit_kl(ours, t, temperature)).backward()
+    q, p = torch.log_softmax(ref / temperature, -1), torch.log_softmax(t / temperature, -1)
+    (2 * (p.exp() * (p - q)).sum(-1).mean() * temperature ** 2).backward()
+    assert torch.allclose(ours.grad, ref.grad, atol=1e-7, rtol=1e-4)
+    assert ours.grad.abs().max() > 1e-3  # the check compares real gradients, not zeros
 
 
 def test_top_k_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_below_it():
@@ -63,7 +77,8 @@ def test_precomputed_teacher_trains_like_the_live_one():
     for name, extra in {"live": {}, "full": {"teacher": "precomputed", "top_k": vocab},
                         "top64": {"teacher": "precomputed"}}.items():
         s = copy.deepcopy(student)
-        cfg = DistillConfig(steps=20, lr=2e-3, batch_size=4, eval_every=10, holdout=4, hidden_weight=0.5, **extra)
+        cfg = DistillConfig(steps=20, lr=2e-3, schedule="constant", batch_size=4, eval_every=10, holdout=4,
+                            hidden_weight=0.5, **extra)  # constant: 20 steps of a decaying rate learn too little
         reports[name] = apply_distill(cfg, s, StageContext(calibration=_windows(1, 36), teacher=teacher)).summary
     live, full, top64 = reports["live"], reports["full"], reports["top64"]
     assert full["teacher"] == "precomputed" and live["teacher"] == "live"
@@ -94,6 +109,28 @@ def test_distillation_recovers_what_pruning_lost_and_keeps_the_zeros():
     # the embedding (and tied head) stayed as they were: train: blocks
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_over_the_steps_or_the_time_budget():
+    assert [learning_rate_factor("cosine", s, 4, 0.0) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert learning_rate_factor("cosine", 5, 4, 0.5) == pytest.approx(0.5)
+    assert learning_rate_factor("cosine", 5, 4, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate_factor("linear", 5, 4, 0.25) == pytest.approx(0.75)
+    assert learning_rate_factor("constant", 5, 4, 0.9) == 1.0
+    teacher, student = _pruned_pair()
+    for schedule in ("cosine", "constant"):
+        cfg = DistillConfig(steps=60, lr=1e-3, schedule=schedule, batch_size=4, eval_every=20, holdout=4, patience=9)
+        report = apply_distill(cfg, copy.deepcopy(student), StageContext(calibration=_windows(1, 36),
+                                                                         teacher=teacher))
+        lrs = [r["lr"] for r in report.layers[1:]]  # warmup is 3 steps (5% of 60)
+        if schedule == "cosine":
+            assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 60)) for s in (19, 39, 59)])
+        else:
+            assert lrs == [1e-3] * 3
+    # with a time budget the decay follows the clock: the last step runs at a small fraction of the peak
+    cfg = DistillConfig(steps=100_000, lr=1e-3, batch_size=2, eval_every=100_000, holdout=4, max_minutes=0.03)
+    report = apply_distill(cfg, student, StageContext(calibration=_windows(1, 36), teacher=teacher))
+    assert report.summary["steps"] > 30 and report.layers[-1]["lr"] < 0.1e-3, report.layers
 
 
 def test_divergence_stops_early_and_keeps_the_best_weights():

@@ -7,13 +7,48 @@ from torch.nn import functional as F
 
 def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher ‖ student) per token, averaged over tokens, of the distributions softened by `temperature`, scaled
-    by T² so that gradients keep their size across temperatures (Hinton et al., 2015)."""
-    t = temperature
-    s = F.log_softmax(student_logits.float() / t, dim=-1)
-    with torch.no_grad():
-        p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(s.reshape(-1, s.shape[-1]), p.reshape(-1, p.shape[-1]), log_target=True, reduction="batchmean")
-    return kl * t * t
+    by T² so that gradients keep their size across temperatures (Hinton et al., 2015). Only the student's logits
+    get a gradient."""
+    return _LogitKL.apply(student_logits, teacher_logits.detach(), float(temperature))
+
+
+class _LogitKL(torch.autograd.Function):
+    """The KL of `logit_kl` in two passes over the [tokens, vocabulary] logits instead of a dozen: with p the
+    teacher's softened distribution and z = student logits / T, KL = Σ p·(t/T - z) + lse(z) - lse(t/T), and its
+    gradient in z is softmax(z) - p. Rows go a few at a time so that the temporaries stay in cache: at a 50k
+    vocabulary the textbook formula took a fifth of a distillation step on the CPU."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        vocab = student.shape[-1]
+        z_all, t_all = student.detach().reshape(-1, vocab), teacher.reshape(-1, vocab)
+        total = torch.zeros((), dtype=torch.float64, device=student.device)
+        for rows in _row_chunks(z_all.shape[0], vocab):
+            z, t = z_all[rows].float() / temperature, t_all[rows].float() / temperature
+            p = torch.softmax(t, dim=-1)
+            cross = torch.bmm(p.unsqueeze(1), t.sub_(z).unsqueeze(2))  # Σ p·(t - z), t overwritten
+            total += (cross.reshape(-1) + torch.logsumexp(z, dim=-1) - torch.logsumexp(t.add_(z), dim=-1)).sum()
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature = temperature
+        return (total / z_all.shape[0]).to(torch.float32) * temperature * temperature
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        student, teacher = ctx.saved_tensors
+        vocab, temperature = student.shape[-1], ctx.temperature
+        z_all, t_all = student.detach().reshape(-1, vocab), teacher.reshape(-1, vocab)
+        out = torch.empty_like(z_all)
+        scale = grad * temperature / z_all.shape[0]  # d(z)/d(logits) = 1/T, times the T² and the mean
+        for rows in _row_chunks(z_all.shape[0], vocab):
+            q = torch.softmax(z_all[rows].float() / temperature, dim=-1)
+            q.sub_(torch.softmax(t_all[rows].float() / temperature, dim=-1)).mul_(scale)
+            out[rows] = q
+        return out.reshape(student.shape), None, None
+
+
+def _row_chunks(n: int, vocab: int) -> list[slice]:
+    step = max(1, (1 << 20) // vocab)  # ~4 MB of float32 per temporary
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:

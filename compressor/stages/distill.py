@@ -27,6 +27,7 @@ from .base import StageContext, StageReport
 log = logging.getLogger(__name__)
 
 WARMUP_CAP = 25  # warmup steps at most: 5% of the steps, but short enough to finish within any time budget
+WARMUP_SHARE = 0.05  # ... and no more than this share of the run (of its time budget when it has one)
 SPARSE_ENOUGH = 0.01  # weights with at least this fraction of exact zeros keep them (a dense layer has ~none)
 
 
@@ -52,7 +53,6 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
     masks = {p: p == 0 for p in params if p.dim() == 2 and float((p == 0).float().mean()) >= SPARSE_ENOUGH}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, min(cfg.steps, WARMUP_CAP * 20) // 20)  # a time budget may stop long before cfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     teacher.eval()
     device = ctx.device
     hidden = cfg.hidden_weight > 0
@@ -97,14 +97,19 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
     log.info("distill: %d trainable tensors (%.1fM weights), %d train / %d held-out windows, held-out KL %.4f",
              len(params), sum(p.numel() for p in params) / 1e6, len(train), len(held), first)
     running, seen, step = 0.0, 0, 0
+    train_start = time.perf_counter()  # the schedule spreads over the budget that is left for training
     for step in range(1, cfg.steps + 1):
         model.train()
+        budget_used = 0.0 if cfg.max_minutes is None else (
+            (time.perf_counter() - train_start) / max(1e-9, cfg.max_minutes * 60 - (train_start - start)))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * learning_rate_factor(cfg.schedule, step, warmup, max((step - 1) / cfg.steps,
+                                                                                         budget_used))
         loss = train_loss(torch.randint(0, len(train), (cfg.batch_size,), generator=gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
-        sched.step()
         with torch.no_grad():
             for p, zero in masks.items():
                 p.masked_fill_(zero, 0)
@@ -114,13 +119,15 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             model.eval()
             kl = held_kl()
-            rows.append({"step": step, "train_loss": round(running / seen, 6), "holdout_kl": round(kl, 6)})
+            lr = opt.param_groups[0]["lr"]
+            rows.append({"step": step, "train_loss": round(running / seen, 6), "holdout_kl": round(kl, 6),
+                         "lr": lr})
             elapsed = time.perf_counter() - start
             eta = elapsed / step * (cfg.steps - step)
             if cfg.max_minutes is not None:
                 eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
-            log.info("distill: step %d/%d, train loss %.4f, held-out KL %.4f (best %.4f), elapsed %.0fs, ETA %.0fs",
-                     step, cfg.steps, running / seen, kl, min(best, kl), elapsed, eta)
+            log.info("distill: step %d/%d, lr %.2e, train loss %.4f, held-out KL %.4f (best %.4f), elapsed %.0fs, "
+                     "ETA %.0fs", step, cfg.steps, lr, running / seen, kl, min(best, kl), elapsed, eta)
             running, seen = 0.0, 0
             if kl < best:
                 best, best_step, best_state, waited = kl, step, _snapshot(params), 0
@@ -134,13 +141,26 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
                 break
     _restore(params, best_state)
     model.eval()
-    summary = {"steps": step, "teacher": cfg.teacher, "warmup_steps": warmup, "train_windows": len(train),
-               "best_step": best_step, "holdout_kl_before": round(first, 6),
+    summary = {"steps": step, "teacher": cfg.teacher, "warmup_steps": warmup, "schedule": cfg.schedule,
+               "train_windows": len(train), "best_step": best_step, "holdout_kl_before": round(first, 6),
                "holdout_kl_after": round(best, 6), "recovered": round(1 - best / first, 4) if first > 0 else None,
                "trainable_weights": sum(p.numel() for p in params), "sparse_tensors_kept": len(masks)}
     if not math.isfinite(best):
         raise ValueError("distill: the held-out KL is not finite; lower distill.lr")
     return StageReport("distill", seconds=time.perf_counter() - start, summary=summary, layers=rows)
+
+
+def learning_rate_factor(schedule: str, step: int, warmup: int, progress: float) -> float:
+    """The share of the peak learning rate at `step` (from 1): a linear warmup over `warmup` steps or the first 5% of
+    the run, whichever ends first, then `schedule` over `progress`, the fraction of the run done (of its steps or of
+    its time budget, whichever is further along). Decaying to zero matters with a short budget: the last steps
+    average out the noise of the earlier ones."""
+    progress = min(1.0, max(0.0, progress))
+    if step < warmup and progress < WARMUP_SHARE:
+        return max(step / warmup, progress / WARMUP_SHARE)
+    if schedule == "constant":
+        return 1.0
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _top_k_targets(teacher: nn.Module, windows: torch.Tensor, cfg: DistillConfig, device: str, temperature: float,
