@@ -14,6 +14,7 @@ from compressor.algorithms.distillation import hidden_mse, logit_kl, teacher_top
 from compressor.algorithms.sparsity import sparsity_of
 from compressor.recipe import DistillConfig, PruneConfig, Recipe, RecipeError
 from compressor.stages.base import StageContext
+from compressor.stages import distill as distill_stage
 from compressor.stages.distill import apply_distill, learning_rate_factor
 from compressor.stages.prune import apply_prune
 
@@ -111,7 +112,7 @@ def test_distillation_recovers_what_pruning_lost_and_keeps_the_zeros():
     assert not any(p.requires_grad for p in student.parameters())
 
 
-def test_learning_rate_warms_up_then_decays_to_zero_over_the_steps_or_the_time_budget():
+def test_learning_rate_warms_up_then_decays_to_zero_over_the_steps_or_the_time_budget(monkeypatch):
     assert [learning_rate_factor("cosine", s, 4, 0.0) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
     assert learning_rate_factor("cosine", 5, 4, 0.5) == pytest.approx(0.5)
     assert learning_rate_factor("cosine", 5, 4, 1.0) == pytest.approx(0.0, abs=1e-12)
@@ -127,10 +128,13 @@ def test_learning_rate_warms_up_then_decays_to_zero_over_the_steps_or_the_time_b
             assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 60)) for s in (19, 39, 59)])
         else:
             assert lrs == [1e-3] * 3
-    # with a time budget the decay follows the clock: the last step runs at a small fraction of the peak
-    cfg = DistillConfig(steps=100_000, lr=1e-3, batch_size=2, eval_every=100_000, holdout=4, max_minutes=0.03)
+    # with a time budget the decay follows the clock: the last step runs at a small fraction of the peak. The clock
+    # is simulated (50 ms per reading) so that a slow or busy machine takes the same path.
+    clock = iter(range(10**6))
+    monkeypatch.setattr(distill_stage.time, "perf_counter", lambda: 0.05 * next(clock))
+    cfg = DistillConfig(steps=100_000, lr=1e-3, batch_size=2, eval_every=100_000, holdout=4, max_minutes=0.1)
     report = apply_distill(cfg, student, StageContext(calibration=_windows(1, 36), teacher=teacher))
-    assert report.summary["steps"] > 30 and report.layers[-1]["lr"] < 0.1e-3, report.layers
+    assert report.summary["steps"] > 20 and report.layers[-1]["lr"] < 0.05e-3, report.layers
 
 
 def test_divergence_stops_early_and_keeps_the_best_weights():
