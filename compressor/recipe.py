@@ -315,7 +315,7 @@ class DistillConfig(_Strict):
 
     steps: int = Field(200, gt=0, description="optimizer steps at most (early stopping may end sooner)")
     lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate (linear warmup over the first 5% of "
-                                                  "steps, at most 25)")
+                                                  "the steps or of the time budget, 25 steps at most)")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="the learning rate after warmup: decayed to zero over `steps` or the `max_minutes` "
                               "budget, whichever ends first, or kept constant")

@@ -26,8 +26,8 @@ from .base import StageContext, StageReport
 
 log = logging.getLogger(__name__)
 
-WARMUP_CAP = 25  # warmup steps at most: 5% of the steps, but short enough to finish within any time budget
-WARMUP_SHARE = 0.05  # ... and no more than this share of the run (of its time budget when it has one)
+WARMUP_SHARE = 0.05  # the warmup's share of the run (of its steps, or of its time budget when that ends it sooner)
+WARMUP_CAP = 25  # ... and its steps at most, short enough to finish within any time budget
 SPARSE_ENOUGH = 0.01  # weights with at least this fraction of exact zeros keep them (a dense layer has ~none)
 
 
@@ -52,7 +52,7 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
     params = _trainable(model, cfg)
     masks = {p: p == 0 for p in params if p.dim() == 2 and float((p == 0).float().mean()) >= SPARSE_ENOUGH}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, min(cfg.steps, WARMUP_CAP * 20) // 20)  # a time budget may stop long before cfg.steps
+    warmup = max(1, int(min(cfg.steps * WARMUP_SHARE, WARMUP_CAP)))  # a time budget may stop long before cfg.steps
     teacher.eval()
     device = ctx.device
     hidden = cfg.hidden_weight > 0
