@@ -7,6 +7,7 @@ import mmap
 
 import torch
 
+_MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21  # Linux 5.4+
 
 
@@ -36,6 +37,34 @@ def page_out(tensors: list[torch.Tensor]) -> None:
         end = (t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) // page * page
         if end > start:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+def trim_heap() -> None:
+    """Give the pages of freed heap chunks back to the system. glibc keeps them for reuse: a run that frees many
+    tensors of one size and then allocates ones of another keeps both resident. Unlike
+    `return_freed_memory_to_the_system` this leaves the allocation policy alone (cheap to call after each block)."""
+    libc = _libc()
+    if libc is None:
+        return
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
+
+
+def discard_from(t: torch.Tensor, start: int) -> None:
+    """Drop the pages of `t`'s storage from byte `start` to its end: the caller never reads that part again and the
+    storage is still referenced (its pages would otherwise stay resident until it is freed). Only pages wholly inside
+    the storage go; reading them afterwards gives zeros. Heap storage on Linux only; a no-op elsewhere."""
+    libc = _libc()
+    storage = t.untyped_storage()
+    if libc is None or t.device.type != "cpu" or not storage.resizable():  # a file mapping is paged out instead
+        return
+    page = mmap.PAGESIZE
+    first = -(-(storage.data_ptr() + start) // page) * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), _MADV_DONTNEED)
 
 
 def return_freed_memory_to_the_system() -> None:

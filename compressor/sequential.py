@@ -35,7 +35,7 @@ from torch import nn
 
 from .distributed import shard, world
 from .models import decoder_layers
-from .memory import page_out
+from .memory import discard_from, page_out, trim_heap
 from .resume import BlockCheckpoints
 
 if TYPE_CHECKING:
@@ -186,6 +186,8 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
     spill = getattr(stream, "activations", None)
     captured = _capture_inputs(model, layers, windows, batch_size, device,
                                SpilledBatches(spill / "block-0000") if spill is not None else None)
+    inside = {id(p) for p in layers.parameters()}  # the embedding is not read again until calibration ends
+    page_out([p for p in model.parameters() if id(p) not in inside])
     start = time.perf_counter()
     known: dict[tuple[str, ...], _Layout] = {}  # blocks of one layout share their input groups
     for index, block in enumerate(layers):
@@ -215,6 +217,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
             checkpoints.store(index, block, prefix)
         captured.advance(block, index, state.replays)
         del state  # the replayed outputs: freed before the next block starts
+        trim_heap()  # without it, holes left by one block's tensors add up over the blocks (~10 MB per block)
         block.to(home)
         if stream is not None:
             stream.release(index, block)
@@ -434,6 +437,8 @@ class _Rows:
             if len(results) != len(self):
                 raise RuntimeError("a replayed child's outputs changed width between batches")
             self.buffer, self.shapes = results.buffer, results.shapes
+        else:  # narrower outputs (down_proj's after its 3-4x wider inputs): the rest of the buffer is dead
+            discard_from(self.buffer, sum(self.counts) * self.shapes[-1][-1] * self.buffer.element_size())
 
 
 @dataclass

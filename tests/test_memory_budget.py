@@ -96,3 +96,26 @@ def test_paging_out_a_file_backed_tensor_changes_no_data(tmp_path):
     heap = values.clone()
     page_out([mapped, heap])
     assert torch.equal(mapped, values) and torch.equal(heap, values)
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_discarding_the_dead_tail_of_a_buffer_returns_its_pages_and_keeps_the_rest():
+    """The runner's recorded MLP intermediates ([tokens, 1536] for SmolLM2) are overwritten in place by the MLP's
+    narrower outputs ([tokens, 576]); the buffer's tail is dead but stays resident until the buffer is freed unless
+    its pages are given back."""
+    import torch
+
+    from compressor.memory import discard_from
+
+    buffer = torch.ones(64 * MB // 4)  # touched: every page resident
+    head = 16 * MB
+    before = _rss_anon_mb()
+    discard_from(buffer, head)
+    assert before - _rss_anon_mb() > 40  # 48 MB of the tail, less what other threads allocate meanwhile
+    assert bool((buffer[: head // 4] == 1).all())
+    discard_from(torch.from_file(__file__, size=8), 0)  # not heap memory: left alone (page_out's case)
