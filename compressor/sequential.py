@@ -16,6 +16,10 @@ a forward pass per group; instead each operation of the block runs about once pe
   linear's statistics, so later passes and the pass that produces the next block's inputs skip the child's work.
 Recorded inputs stay valid only while a stage changes nothing but the group it is given; when it changes anything
 else in the block (AWQ folds scales into a norm), they are dropped and later passes run the whole block again.
+- a replayed child on a residual branch (the block adds its output to the block input and uses neither otherwise,
+  checked on one row) is *folded*: its outputs are added into the recorded block inputs and it returns zeros from
+  then on, so the block inputs and the child's outputs take one buffer instead of two. Only for stages that keep to
+  their group: a folded input cannot be unfolded.
 
 The runner knows no algorithm: a stage says which linears it wants, what to accumulate, and what to do with a group.
 """
@@ -49,7 +53,10 @@ class Accumulator(Protocol):
 
 
 class LayerwiseStage(Protocol):
-    """What a calibration-driven stage gives the runner."""
+    """What a calibration-driven stage gives the runner. A stage whose `process` changes nothing but the modules of
+    the group it is given may say so with a class attribute `keeps_to_its_group = True`: the runner may then fold a
+    replayed child's outputs into the recorded block inputs (see `_fold`), which it could not undo for a stage that
+    later changed, say, a norm in front of an earlier group."""
 
     def wants(self, name: str, module: nn.Module) -> bool:
         """Whether the linear `name` (qualified, e.g. model.layers.3.mlp.down_proj) is calibrated by this stage."""
@@ -152,7 +159,7 @@ class _Captured:
     hidden: list[torch.Tensor] | SpilledBatches  # per batch: the input of the current block
     kwargs: list[list[dict[str, Any]]]  # per block, per batch: keyword arguments the model passed that block
 
-    def advance(self, block: nn.Module, index: int, replays: dict[str, "_Replay"] | None = None) -> None:
+    def advance(self, block: nn.Module, index: int, replays: dict[str, Any] | None = None) -> None:
         """Replace the inputs of block `index` by its outputs (the next block's inputs); children with a replay
         return their recorded outputs instead of running."""
         spilled = isinstance(self.hidden, SpilledBatches)
@@ -449,8 +456,33 @@ class _Replay:
     arity: int  # the length of the tuple the child returns, 0 for a bare tensor
 
     def result(self, i: int) -> Any:
-        y = self.outputs[i]
-        return (y,) + (None,) * (self.arity - 1) if self.arity else y
+        return _as_result(self.outputs[i], self.arity)
+
+
+@dataclass
+class _Zeros:
+    """A folded child: its outputs were added into the block inputs, so from then on it adds zeros. Negative zeros:
+    x + (-0.0) is x for every x, -0.0 included, where x + 0.0 would turn a -0.0 into +0.0."""
+
+    like: list[torch.Tensor]  # per batch, a tensor of the child output's shape, dtype and device (the block input)
+    arity: int
+
+    def result(self, i: int) -> Any:
+        return _as_result(torch.full_like(self.like[i], -0.0), self.arity)
+
+
+@dataclass
+class _Fixed:
+    """One given result whatever the batch (the probe that decides a fold)."""
+
+    value: Any
+
+    def result(self, i: int) -> Any:
+        return self.value
+
+
+def _as_result(y: torch.Tensor, arity: int) -> Any:
+    return (y,) + (None,) * (arity - 1) if arity else y
 
 
 @dataclass
@@ -459,7 +491,8 @@ class _BlockState:
 
     layout: _Layout
     resume: _Resume | None = None
-    replays: dict[str, _Replay] = field(default_factory=dict)
+    replays: dict[str, _Replay | _Zeros] = field(default_factory=dict)
+    folded: bool = False  # a child's outputs were added into the block inputs: the recorded inputs cannot be dropped
 
     def drop(self) -> None:
         self.resume = None
@@ -473,7 +506,7 @@ class _BlockState:
 
 
 @contextmanager
-def _replaying(block: nn.Module, replays: dict[str, _Replay]) -> Iterator[list[int]]:
+def _replaying(block: nn.Module, replays: dict[str, _Replay | _Zeros | _Fixed]) -> Iterator[list[int]]:
     """Children with a replay return their output for the batch at cursor[0] instead of running."""
     cursor = [0]
     saved = {}
@@ -481,7 +514,7 @@ def _replaying(block: nn.Module, replays: dict[str, _Replay]) -> Iterator[list[i
         child = block.get_submodule(name)
         saved[name] = child.__dict__.get("forward")  # an instance-level wrapper (accelerate's hooks) comes back
 
-        def forward(*args: Any, _r: _Replay = replay, **kwargs: Any) -> Any:
+        def forward(*args: Any, _r: Any = replay, **kwargs: Any) -> Any:
             return _r.result(cursor[0])
         child.forward = forward
     try:
@@ -572,11 +605,65 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
     page_out([t for t in old if id(t) not in kept])
     del old
     if _fingerprint(block, rel) != before:  # the stage changed more than the group: recorded inputs are stale
+        if state.folded:
+            raise RuntimeError(f"{type(stage).__name__} says it keeps to its group, but processing {names} changed "
+                               "other modules of the block: the block inputs it folded can no longer be recomputed")
         state.drop()
         return
     if tail_inputs is not None and fits[0] and len(tail_inputs) == len(calls):
         with torch.no_grad():
             tail_inputs.map_(block.get_submodule(rel[0]))  # the changed linear: the child's outputs from now on
         state.replays[child_name] = _Replay(tail_inputs, tail[1])
+        if getattr(stage, "keeps_to_its_group", False):
+            _fold(block, child_name, captured, index, state)
     elif calls and all(len(c) == 1 for c in calls):  # recorded (once per batch): the next group in the child resumes
         state.resume = _Resume(child_name, [c[0] for c in calls])
+
+
+def _fold(block: nn.Module, child: str, captured: _Captured, index: int, state: _BlockState) -> None:
+    """Add the replayed outputs of `child` into the recorded block inputs, in the replay's buffer, and let the child
+    return zeros from now on, when the block only adds the child's output to its input (a residual branch).
+
+    The check runs the block twice on the first row of the first batch, other replayed children returning their
+    recorded rows: on (x, child gives y) and on (x + y, child gives 0). A block that normalizes the child's output
+    first (Gemma's post-norms) or feeds its input to another branch too (parallel attention and MLP) gives different
+    outputs and is not folded. Equal outputs bit for bit make the fold exact: the block computes the same x + y."""
+    replay = state.replays[child]
+    hidden = captured.hidden
+    if not isinstance(replay, _Replay) or not isinstance(hidden, list) or any(
+            replay.outputs[i].shape != h.shape or replay.outputs[i].dtype != h.dtype for i, h in enumerate(hidden)):
+        return
+    batch = hidden[0].shape[0]
+    x = hidden[0][:1].clone()  # a copy: a block may change its input in place
+    kwargs = _first_rows(captured.kwargs[index][0], batch)
+    probe = {n: _Fixed(_first_rows(r.result(0), batch)) for n, r in state.replays.items()}
+    y = _first_rows(replay.outputs[0], batch)
+    try:
+        with torch.no_grad():
+            with _replaying(block, probe):
+                want = _output(block(x, **kwargs))
+            probe[child] = _Fixed(_as_result(torch.full_like(y, -0.0), replay.arity))
+            with _replaying(block, probe):
+                got = _output(block(x + y, **kwargs))
+    except Exception as e:  # a block that cannot run on one row is left unfolded: only memory is at stake
+        log.debug("%s of block %d not folded: the probe failed (%s)", child, index, e)
+        return
+    if not torch.equal(want, got):
+        return
+    for i in range(len(hidden)):
+        folded = replay.outputs[i]
+        folded.add_(hidden[i])  # y + x: the same bits as the block's x + y (addition commutes exactly)
+        hidden[i] = folded  # the old input is freed here
+    state.replays[child] = _Zeros(hidden, replay.arity)
+    state.folded = True
+
+
+def _first_rows(value: Any, batch: int) -> Any:
+    """The first row of every tensor in `value` whose leading dimension is the batch (tuples and dicts walked)."""
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_rows(v, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _first_rows(v, batch) for k, v in value.items()}
+    return value

@@ -258,3 +258,63 @@ def test_one_pass_mode_is_refused_for_awq():
     with pytest.raises(ValueError, match="sequential: false does not apply to AWQ"):
         QuantizeConfig(method="awq", sequential=False)
     assert not QuantizeConfig(method="gptq", sequential=False).sequential
+
+
+@pytest.mark.parametrize("family,folds", [("llama", True), ("qwen3", True), ("gemma", True), ("gemma2", False)])
+def test_folding_replayed_branches_into_the_block_inputs_is_exact(family, folds, monkeypatch):
+    """A stage that keeps to its group lets the runner add a replayed child's outputs into the recorded block inputs
+    (one buffer instead of two). It must do so only where the block really adds the child's output to its input
+    (not through Gemma 2's post-norms), and every group must still be calibrated on its real inputs."""
+    import compressor.sequential as seq
+
+    folded = []
+    fold = seq._fold
+
+    def spy(block, child, captured, index, state):
+        fold(block, child, captured, index, state)
+        folded.append((index, child, isinstance(state.replays[child], seq._Zeros)))
+
+    monkeypatch.setattr(seq, "_fold", spy)
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (5, 24))
+
+    class LocalScale(Recorder):
+        keeps_to_its_group = True
+
+        def process(self, block_index, block, group):
+            super().process(block_index, block, group)
+            (_, acc), *_ = group.values()
+            self.seen = getattr(self, "seen", {})
+            for name, (module, _) in group.items():
+                self.seen[name] = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[id(acc)]])
+                module.weight.data.mul_(1.5)
+
+    rec = LocalScale()
+    run_layerwise(model, ids, rec, batch_size=2)
+    layers = model.config.num_hidden_layers
+    assert folded and all(f == folds for _, _, f in folded)  # (Gemma 2's attention is not even replayed)
+    if folds:
+        assert [c for _, c, _ in folded] == ["self_attn", "mlp"] * layers
+    real = _real_linear_inputs(model, ids, set(rec.seen), 2)
+    assert len(real) == 7 * layers
+    for name, got in rec.seen.items():
+        assert torch.allclose(got, real[name], atol=1e-4), name
+
+
+def test_a_stage_that_breaks_its_promise_to_keep_to_its_group_is_stopped():
+    """Folded block inputs cannot be unfolded: a stage that says it keeps to its group and then changes a norm after
+    a fold would silently calibrate later groups on wrong inputs; the runner refuses instead."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (4, 16))
+
+    class Liar(Recorder):
+        keeps_to_its_group = True
+
+        def process(self, block_index, block, group):
+            super().process(block_index, block, group)
+            if any(n.endswith("gate_proj") for n in group):
+                with torch.no_grad():
+                    block.post_attention_layernorm.weight.mul_(2.0)
+
+    with pytest.raises(RuntimeError, match="keeps to its group"):
+        run_layerwise(model, ids, Liar(), batch_size=2)

@@ -119,6 +119,7 @@ def _ratio_of(cfg: LowRankConfig, name: str) -> float:
 
 class _Factorizer:
     """Factorizes each target layer when the runner (or the data-free loop) reaches it."""
+    keeps_to_its_group = True  # changes only the layers it is given (compressor.sequential may fold)
 
     def __init__(self, model: nn.Module, cfg: LowRankConfig, targets: dict[str, nn.Linear],
                  ranks: dict[str, int | None] | None, report: StageReport) -> None:

@@ -114,6 +114,7 @@ class _SquareSum:
 
 class _PruneStage:
     """A layerwise stage over the chosen linears."""
+    keeps_to_its_group = True  # changes only the layers it is given (compressor.sequential may fold)
 
     def __init__(self, cfg: PruneConfig, targets: dict[str, nn.Linear], report: StageReport,
                  sparsity: dict[str, float | None] | None = None) -> None:

@@ -181,6 +181,8 @@ class _AWQStage(_HessianStage):
 
 
 class _GPTQStage(_HessianStage):
+    keeps_to_its_group = True  # changes only the layers it is given (compressor.sequential may fold)
+
     def __init__(self, model: nn.Module, cfg: QuantizeConfig, widths: dict[str, tuple[int, int]],
                  report: StageReport) -> None:
         self.model, self.cfg, self.widths, self.report = model, cfg, widths, report
