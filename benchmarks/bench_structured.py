@@ -11,6 +11,7 @@ speedup is the ratio of weight bytes before and after; the table shows measured 
 
     python benchmarks/bench_structured.py [--windows 16] [--variants "MLP -25%,3 blocks"] [--no-speed]
                                           [--distill-minutes 20] [--distill-steps N]   # distillation budget
+                                          [--distill-precision bfloat16] [--distill-data FILE]
     python benchmarks/bench_structured.py --distill-only --distill-minutes 20   # distill the latest run's models
 """
 from __future__ import annotations
@@ -31,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from compressor.evaluate import speed  # noqa: E402
 from compressor.evaluate.accuracy import TorchRuntime, compare  # noqa: E402
-from compressor.recipe import DistillConfig, PruneDepthConfig, PruneWidthConfig, SpeedConfig  # noqa: E402
+from compressor.data import calibration_windows  # noqa: E402
+from compressor.recipe import (CalibrationConfig, DistillConfig, PruneDepthConfig, PruneWidthConfig,  # noqa: E402
+                               SpeedConfig)
 from compressor.stages import StageContext  # noqa: E402
 from compressor.stages.distill import apply_distill  # noqa: E402
 from compressor.stages.structured import apply_prune_depth, apply_prune_width  # noqa: E402
@@ -68,6 +71,12 @@ def main() -> None:
     ap.add_argument("--distill-seq-len", type=int, default=128, help="tokens per window (the 512-token calibration "
                     "windows are cut into pieces of this length)")
     ap.add_argument("--distill-teacher", default="live", choices=["live", "precomputed"])
+    ap.add_argument("--distill-precision", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: autocast training passes (fast on CPUs with AMX or AVX512-BF16)")
+    ap.add_argument("--distill-data", default=None, help="training text (a file, as calibration sources are "
+                    "given; never the test split): default, the calibration windows")
+    ap.add_argument("--distill-samples", type=int, default=2048, help="windows of --distill-seq-len tokens drawn "
+                    "from --distill-data (seed 0)")
     ap.add_argument("--speed-only", action="store_true", help="measure the files of the latest run in --out again "
                     "(e.g. on a quiet machine) and print the tables with its accuracy figures")
     ap.add_argument("--distill-only", action="store_true", help="distill the pruned models of the latest run in --out "
@@ -134,9 +143,20 @@ def main() -> None:
 
 
 def _distill_config(args) -> DistillConfig:
+    data = None
+    if args.distill_data:
+        data = CalibrationConfig(source=args.distill_data, line_records=args.distill_data.endswith(".raw"),
+                                 samples=args.distill_samples, seq_len=args.distill_seq_len, seed=0)
     return DistillConfig(steps=args.distill_steps or 1_000_000, max_minutes=args.distill_minutes, lr=args.distill_lr,
                          schedule=args.distill_schedule, batch_size=args.distill_batch, seq_len=args.distill_seq_len,
-                         teacher=args.distill_teacher, eval_every=25, holdout=16)
+                         teacher=args.distill_teacher, precision=args.distill_precision, data=data, eval_every=25,
+                         holdout=16)
+
+
+def _distill_context(cfg: DistillConfig, tok, calib: torch.Tensor, teacher: torch.nn.Module) -> StageContext:
+    """The calibration windows, or the distillation's own text when --distill-data gives one."""
+    own = calibration_windows(tok, cfg.data) if cfg.data is not None else None
+    return StageContext(calibration=calib, teacher=teacher, distill_windows=own)
 
 
 def _distill_only(args) -> None:
@@ -154,13 +174,14 @@ def _distill_only(args) -> None:
     proto = load_protocol(args.windows)
     baseline, calib, windows = proto.baseline, proto.calibration, proto.windows
     cfg = _distill_config(args)
+    distill_ctx = _distill_context(cfg, proto.tokenizer, calib, baseline)
     pruned, distilled, info = {}, {}, {}
     for (name, fmt), path in files.items():
         if name == "unpruned" or fmt != "GGUF F16" or name not in args.variants.split(","):
             continue
         pruned[name], _, _ = load(ModelConfig(id=str(path)))
         student = copy.deepcopy(pruned[name])
-        report = apply_distill(cfg, student, StageContext(calibration=calib, teacher=baseline))
+        report = apply_distill(cfg, student, distill_ctx)
         info[name + " + distill"] = {"seconds": round(report.seconds, 1), **report.summary}
         print(f"{name} + distill: {info[name + ' + distill']}", file=sys.stderr)
         distilled[name + " + distill"] = student
@@ -204,10 +225,11 @@ def _prune_and_export(args) -> tuple[dict, dict, dict[tuple[str, str], Path], in
     distilled: dict[str, torch.nn.Module] = {}
     if args.distill_steps or args.distill_minutes:
         cfg = _distill_config(args)
+        distill_ctx = _distill_context(cfg, tok, calib, baseline)
         for name in list(models)[1:]:
             student = copy.deepcopy(models[name])
             start = time.perf_counter()
-            report = apply_distill(cfg, student, StageContext(calibration=calib, teacher=baseline))
+            report = apply_distill(cfg, student, distill_ctx)
             info[name + " + distill"] = {"seconds": round(time.perf_counter() - start, 1),
                                          "summaries": [report.summary]}
             print(f"{name} + distill: {info[name + ' + distill']}", file=sys.stderr)

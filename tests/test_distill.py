@@ -112,6 +112,35 @@ def test_distillation_recovers_what_pruning_lost_and_keeps_the_zeros():
     assert not any(p.requires_grad for p in student.parameters())
 
 
+def test_bfloat16_training_learns_like_float32_and_keeps_float32_weights(monkeypatch):
+    """Autocast runs the passes in bfloat16 (checked: the loss sees bfloat16 logits), the weights and their updates
+    stay float32, and the student recovers about as much as in float32."""
+    teacher, student = _pruned_pair()
+    seen = []
+    real = distill_stage.logit_kl
+
+    def spy(s, t, temperature=1.0):
+        seen.append((s.dtype, t.dtype))
+        return real(s, t, temperature)
+    monkeypatch.setattr(distill_stage, "logit_kl", spy)
+    summaries = {}
+    for precision in ["float32", "bfloat16"]:
+        s = copy.deepcopy(student)
+        seen.clear()
+        cfg = DistillConfig(steps=40, lr=2e-3, schedule="constant", batch_size=4, eval_every=20, holdout=4,
+                            precision=precision)
+        summaries[precision] = apply_distill(cfg, s, StageContext(calibration=_windows(1, 36), teacher=teacher)).summary
+        train_dtypes = {d for d in seen if d != (torch.float32, torch.float32)}  # held-out KL: float32
+        assert train_dtypes == ({(torch.bfloat16, torch.bfloat16)} if precision == "bfloat16" else set())
+        assert all(p.dtype == torch.float32 for p in s.parameters())
+        assert sparsity_of(s.model.layers[0].mlp.down_proj.weight) == pytest.approx(0.5, abs=0.01)
+    f32, bf16 = summaries["float32"], summaries["bfloat16"]
+    assert bf16["precision"] == "bfloat16" and f32["precision"] == "float32"
+    assert bf16["holdout_kl_before"] == f32["holdout_kl_before"]  # the held-out KL is measured in float32
+    assert bf16["holdout_kl_after"] < 0.9 * bf16["holdout_kl_before"]
+    assert bf16["holdout_kl_after"] == pytest.approx(f32["holdout_kl_after"], rel=0.25)
+
+
 def test_learning_rate_warms_up_then_decays_to_zero_over_the_steps_or_the_time_budget(monkeypatch):
     assert [learning_rate_factor("cosine", s, 4, 0.0) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
     assert learning_rate_factor("cosine", 5, 4, 0.5) == pytest.approx(0.5)
@@ -171,6 +200,7 @@ def test_bad_distill_options_are_refused_early():
                                                                              "model before an earlier stage, 0 to 0"),
         ([{"prune": {"sparsity": 0.5}}, {"quantize": {}}, {"distill": {}}], "distill comes after a quantize stage"),
         ([{"prune": {"sparsity": 0.5}}, {"distill": {"stepz": 3}}], "unknown key"),
+        ([{"prune": {"sparsity": 0.5}}, {"distill": {"precision": "fp16"}}], "float32.*bfloat16"),
     ]
     for stages, message in cases:
         with pytest.raises(RecipeError, match=message):

@@ -11,6 +11,7 @@ sit in device memory beside the student and its optimizer, and no window costs a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -76,9 +77,10 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
 
     def train_loss(rows: torch.Tensor) -> torch.Tensor:
         batch = train[rows].to(device)
-        s_out = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+        with _autocast(device, cfg.precision):
+            s_out = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
         if train_targets is None:
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(device, cfg.precision):
                 t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=hidden)
             loss = logit_kl(s_out.logits, t_out.logits, cfg.temperature)
             t_hidden = t_out.hidden_states[-1] if hidden else None
@@ -141,7 +143,8 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
                 break
     _restore(params, best_state)
     model.eval()
-    summary = {"steps": step, "teacher": cfg.teacher, "warmup_steps": warmup, "schedule": cfg.schedule,
+    summary = {"steps": step, "teacher": cfg.teacher, "precision": cfg.precision, "warmup_steps": warmup,
+               "schedule": cfg.schedule,
                "train_windows": len(train), "best_step": best_step, "holdout_kl_before": round(first, 6),
                "holdout_kl_after": round(best, 6), "recovered": round(1 - best / first, 4) if first > 0 else None,
                "trainable_weights": sum(p.numel() for p in params), "sparse_tensors_kept": len(masks)}
@@ -161,6 +164,13 @@ def learning_rate_factor(schedule: str, step: int, warmup: int, progress: float)
     if schedule == "constant":
         return 1.0
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """The training passes' precision. The loss reads the logits row by row in float32 whatever their dtype."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, precision))
 
 
 def _top_k_targets(teacher: nn.Module, windows: torch.Tensor, cfg: DistillConfig, device: str, temperature: float,
