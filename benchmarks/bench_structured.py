@@ -73,10 +73,10 @@ def main() -> None:
     ap.add_argument("--distill-teacher", default="live", choices=["live", "precomputed"])
     ap.add_argument("--distill-precision", default="float32", choices=["float32", "bfloat16"],
                     help="bfloat16: autocast training passes (fast on CPUs with AMX or AVX512-BF16)")
-    ap.add_argument("--distill-data", default=None, help="training text (a file, as calibration sources are "
-                    "given; never the test split): default, the calibration windows")
+    ap.add_argument("--distill-data", default="", help="more training text beside the calibration windows: files "
+                    "(comma-separated, as calibration sources are given; never the test split)")
     ap.add_argument("--distill-samples", type=int, default=2048, help="windows of --distill-seq-len tokens drawn "
-                    "from --distill-data (seed 0)")
+                    "from each --distill-data file (seed 0)")
     ap.add_argument("--speed-only", action="store_true", help="measure the files of the latest run in --out again "
                     "(e.g. on a quiet machine) and print the tables with its accuracy figures")
     ap.add_argument("--distill-only", action="store_true", help="distill the pruned models of the latest run in --out "
@@ -143,20 +143,22 @@ def main() -> None:
 
 
 def _distill_config(args) -> DistillConfig:
-    data = None
-    if args.distill_data:
-        data = CalibrationConfig(source=args.distill_data, line_records=args.distill_data.endswith(".raw"),
-                                 samples=args.distill_samples, seq_len=args.distill_seq_len, seed=0)
     return DistillConfig(steps=args.distill_steps or 1_000_000, max_minutes=args.distill_minutes, lr=args.distill_lr,
                          schedule=args.distill_schedule, batch_size=args.distill_batch, seq_len=args.distill_seq_len,
-                         teacher=args.distill_teacher, precision=args.distill_precision, data=data, eval_every=25,
-                         holdout=16)
+                         teacher=args.distill_teacher, precision=args.distill_precision, eval_every=25, holdout=16)
 
 
-def _distill_context(cfg: DistillConfig, tok, calib: torch.Tensor, teacher: torch.nn.Module) -> StageContext:
-    """The calibration windows, or the distillation's own text when --distill-data gives one."""
-    own = calibration_windows(tok, cfg.data) if cfg.data is not None else None
-    return StageContext(calibration=calib, teacher=teacher, distill_windows=own)
+def _distill_context(args, tok, calib: torch.Tensor, teacher: torch.nn.Module) -> StageContext:
+    """The calibration windows cut into --distill-seq-len pieces, plus --distill-samples windows of that length from
+    each --distill-data file."""
+    seq = args.distill_seq_len
+    parts = [calib[:, : calib.shape[1] // seq * seq].reshape(-1, seq)]
+    for source in [f for f in args.distill_data.split(",") if f]:
+        cfg = CalibrationConfig(source=source, line_records=source.endswith(".raw"), samples=args.distill_samples,
+                                seq_len=seq, seed=0)
+        parts.append(calibration_windows(tok, cfg))
+        print(f"distill data: {len(parts[-1])} windows of {seq} tokens from {source}", file=sys.stderr)
+    return StageContext(calibration=calib, teacher=teacher, distill_windows=torch.cat(parts))
 
 
 def _distill_only(args) -> None:
@@ -174,7 +176,7 @@ def _distill_only(args) -> None:
     proto = load_protocol(args.windows)
     baseline, calib, windows = proto.baseline, proto.calibration, proto.windows
     cfg = _distill_config(args)
-    distill_ctx = _distill_context(cfg, proto.tokenizer, calib, baseline)
+    distill_ctx = _distill_context(args, proto.tokenizer, calib, baseline)
     pruned, distilled, info = {}, {}, {}
     for (name, fmt), path in files.items():
         if name == "unpruned" or fmt != "GGUF F16" or name not in args.variants.split(","):
@@ -225,7 +227,7 @@ def _prune_and_export(args) -> tuple[dict, dict, dict[tuple[str, str], Path], in
     distilled: dict[str, torch.nn.Module] = {}
     if args.distill_steps or args.distill_minutes:
         cfg = _distill_config(args)
-        distill_ctx = _distill_context(cfg, tok, calib, baseline)
+        distill_ctx = _distill_context(args, tok, calib, baseline)
         for name in list(models)[1:]:
             student = copy.deepcopy(models[name])
             start = time.perf_counter()

