@@ -331,8 +331,8 @@ class DistillConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="the training forward and backward passes: bfloat16 runs them under autocast (the "
-                               "weights, their updates and the held-out KL stay float32); several times faster on "
-                               "GPUs and on CPUs with AMX or AVX512-BF16, slower on CPUs without")
+                               "weights, their updates and the held-out KL stay float32); about twice as fast on "
+                               "GPUs and on CPUs with AMX or AVX512-BF16, possibly slower on CPUs without them")
     train: Literal["blocks", "all"] = Field("blocks", description="blocks: the decoder blocks learn, the embedding "
                                                                   "and head stay; all: everything float learns")
     teacher_stage: int = Field(0, ge=0, description="the model before stages[N] teaches (0: the original model)")
