@@ -119,36 +119,30 @@ def test_unsupported_structure_is_refused():
         run_layerwise(NotADecoder(), torch.zeros(1, 4, dtype=torch.long), Recorder())
 
 
+class ScaleEachGroup(Recorder):
+    """Keeps each group's inputs as the runner gave them (`seen`), then scales the group's weights by 1.5."""
+
+    def process(self, block_index, block, group):
+        super().process(block_index, block, group)
+        (_, acc), *_ = group.values()
+        self.seen = getattr(self, "seen", {})
+        for name, (module, _) in group.items():
+            self.seen[name] = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[id(acc)]])
+            module.weight.data.mul_(1.5)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
 def test_each_group_is_calibrated_on_the_inputs_left_by_earlier_changes(family):
     """True sequential inside a block: after every group is changed, the next group's statistic must equal its real
     input in the changed model (also when the runner re-runs only the `mlp`/`self_attn` child)."""
     model = tiny_model(family)
     ids = torch.randint(0, model.config.vocab_size, (5, 24))
-
-    class Scale(Recorder):
-        def process(self, block_index, block, group):
-            super().process(block_index, block, group)
-            (_, acc), *_ = group.values()
-            self.seen = getattr(self, "seen", {})
-            for name, (module, _) in group.items():
-                self.seen[name] = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[id(acc)]])
-                module.weight.data.mul_(1.5)
-
-    rec = Scale()
+    rec = ScaleEachGroup()
     run_layerwise(model, ids, rec, batch_size=2)
-    real = {}
-    hooks = [m.register_forward_pre_hook(
-        lambda m, a, n=n: real.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
-        for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in rec.seen]
-    with torch.no_grad():
-        for batch in ids.split(2):
-            model(batch)
-    for h in hooks:
-        h.remove()
+    real = _real_linear_inputs(model, ids, set(rec.seen), 2)
     assert len(real) == len(rec.seen) == 7 * model.config.num_hidden_layers
     for name, got in rec.seen.items():
-        assert torch.allclose(got, torch.cat(real[name]), atol=1e-4), name
+        assert torch.allclose(got, real[name], atol=1e-4), name
 
 
 def _real_linear_inputs(model, ids, names, batch_size):
@@ -278,16 +272,8 @@ def test_folding_replayed_branches_into_the_block_inputs_is_exact(family, folds,
     model = tiny_model(family)
     ids = torch.randint(0, model.config.vocab_size, (5, 24))
 
-    class LocalScale(Recorder):
+    class LocalScale(ScaleEachGroup):
         keeps_to_its_group = True
-
-        def process(self, block_index, block, group):
-            super().process(block_index, block, group)
-            (_, acc), *_ = group.values()
-            self.seen = getattr(self, "seen", {})
-            for name, (module, _) in group.items():
-                self.seen[name] = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[id(acc)]])
-                module.weight.data.mul_(1.5)
 
     rec = LocalScale()
     run_layerwise(model, ids, rec, batch_size=2)
