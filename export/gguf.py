@@ -290,7 +290,8 @@ def _write_step1(model: nn.Module, tokenizer: Any, path: Path, plan: TypePlan, a
             gname = gguf_tensor_name(hf_name, arch)
             if gname is None:
                 raise ArchitectureError(f"GGUF export: no GGUF name for tensor {hf_name} of {config.model_type}")
-            shape = tuple((tensor if tensor is not None else quantized[hf_name].codes).shape)
+            shape = tuple(tensor.shape) if tensor is not None else (quantized[hf_name].out_features,
+                                                                     quantized[hf_name].in_features)
             target, final = _target_type(gname, shape, plan, defer_to_llama)
             data, raw_type = _encode(hf_name, tensor, quantized.get(hf_name), target, config, arch, summary)
             writer.add_tensor(gname, data, raw_dtype=raw_type)

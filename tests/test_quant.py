@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from compressor.quant import grid
-from compressor.quant.packing import pack, unpack
-from compressor.quant.tensor import QuantizedTensor, quantize_rtn
+from compressor.quant.packing import pack, pack_bytes, unpack, unpack_bytes
+from compressor.quant.tensor import QuantizedTensor, QuantLinear, quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -24,6 +24,37 @@ def test_pack_layout_lowest_code_in_lowest_bits():
     c3[10] = 0b111
     w = pack(c3, 3, 0)[:, 0].to(torch.int64) & 0xFFFFFFFF
     assert w[0].item() == 0b11 << 30 and w[1].item() == 0b1
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 7, 64, 65])
+def test_byte_packing_roundtrip(bits, count):
+    g = torch.Generator().manual_seed(bits * 100 + count)
+    codes = torch.randint(0, 2**bits, (3, count), generator=g).to(torch.uint8)
+    packed = pack_bytes(codes, bits)
+    per = {1: 8, 2: 4, 3: 2, 4: 2}.get(bits, 1)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, -(-count // per))
+    assert torch.equal(unpack_bytes(packed, bits, count), codes)
+
+
+def test_byte_packing_puts_the_first_code_in_the_low_bits():
+    assert pack_bytes(torch.tensor([[1, 2, 15]], dtype=torch.uint8), 4).tolist() == [[0x21, 0x0F]]
+    with pytest.raises(ValueError, match="9 bits"):
+        pack_bytes(torch.zeros(1, 2, dtype=torch.uint8), 9)
+
+
+@pytest.mark.parametrize("bits,ratio", [(4, 2), (3, 2), (2, 4), (8, 1)])
+def test_quant_linear_keeps_its_codes_packed_and_gives_them_back_exactly(bits, ratio):
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(bits))
+    qt = quantize_rtn(w, bits, 32, symmetric=False)
+    layer = QuantLinear(qt, torch.randn(48))
+    assert layer.codes.numel() * ratio == qt.codes.numel()  # the memory a finished layer keeps
+    assert torch.equal(layer.qweight.codes, qt.codes)
+    x = torch.randn(5, 96)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, qt.dequantize(), layer.bias))
+    again = QuantLinear(qt, torch.zeros(48))
+    again.load_state_dict(layer.state_dict())  # what resume and the stage cache rely on
+    assert torch.equal(again.qweight.dequantize(), qt.dequantize())
 
 
 def test_pack_refuses_partial_words():

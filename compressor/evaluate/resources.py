@@ -32,7 +32,8 @@ def flops_per_token(model: nn.Module, context: int) -> dict[str, float]:
             nonzero += 2 * int(torch.count_nonzero(m.weight.detach())) if m.weight.layout == torch.strided else 2 * n
         elif isinstance(m, QuantLinear):
             dense += 2 * m.in_features * m.out_features
-            nonzero += 2 * int(torch.count_nonzero(m.codes != m.zeros[:, m.qweight.group_index()]))
+            q = m.qweight
+            nonzero += 2 * int(torch.count_nonzero(q.codes != q.zeros[:, q.group_index()]))
         elif isinstance(m, FusedQuantLinear):
             dense += 2 * m.in_features * m.out_features
             nonzero += 2 * m.in_features * m.out_features

@@ -57,3 +57,39 @@ def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
     return a
+
+
+def byte_pack_width(bits: int) -> int:
+    """Bits a code takes inside a byte in `pack_bytes`: the smallest of 1, 2, 4 and 8 that holds `bits`."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codes of {bits} bits do not fit a byte")
+    return next(w for w in (1, 2, 4, 8) if w >= bits)
+
+
+def pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned `codes` (uint8, < 2**bits) along the last dimension, 8 // byte_pack_width(bits) per byte, the
+    first in the lowest bits; the last byte is padded with zero codes. The in-memory form of a QuantLinear's codes
+    (half the bytes at 3 and 4 bits), not a file format."""
+    width = byte_pack_width(bits)
+    if width == 8:
+        return codes.to(torch.uint8)
+    per = 8 // width
+    n = codes.shape[-1]
+    pad = -n % per
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per)
+    out = c[..., 0].clone()
+    for j in range(1, per):
+        out |= c[..., j] << (j * width)
+    return out
+
+
+def unpack_bytes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_bytes`: the first `count` codes (uint8) along the last dimension."""
+    width = byte_pack_width(bits)
+    if width == 8:
+        return packed
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].contiguous()
