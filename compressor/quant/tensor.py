@@ -98,8 +98,8 @@ class QuantLinear(nn.Module):
     """A linear layer whose weight is a QuantizedTensor; the reference (dequantize, then matmul) forward.
 
     The buffer `codes` holds the codes packed `pack_bytes`-wise (two per byte at 3 and 4 bits): a model quantized
-    layer by layer keeps every finished layer's codes until the export, and at one byte per code those are a fifth
-    of a 4-bit run's peak memory. `qweight` unpacks them."""
+    layer by layer keeps every finished layer's codes until the export (SmolLM2 at 4 bits: 53 MB instead of 106, of
+    a ~1.3 GB peak). `qweight` unpacks them (cheaper than the dequantization that follows)."""
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
