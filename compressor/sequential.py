@@ -20,6 +20,8 @@ else in the block (AWQ folds scales into a norm), they are dropped and later pas
   checked on one row) is *folded*: its outputs are added into the recorded block inputs and it returns zeros from
   then on, so the block inputs and the child's outputs take one buffer instead of two. Only for stages that keep to
   their group: a folded input cannot be unfolded.
+- a block whose calibrated children are all folded, and which then returns its input unchanged (checked on one row),
+  needs no pass to produce the next block's inputs: they are the folded ones.
 
 The runner knows no algorithm: a stage says which linears it wants, what to accumulate, and what to do with a group.
 """
@@ -156,22 +158,25 @@ class SpilledBatches:
 
 @dataclass
 class _Captured:
-    hidden: list[torch.Tensor] | SpilledBatches  # per batch: the input of the current block
+    hidden: _Rows | SpilledBatches  # per batch: the input of the current block
     kwargs: list[list[dict[str, Any]]]  # per block, per batch: keyword arguments the model passed that block
 
     def advance(self, block: nn.Module, index: int, replays: dict[str, Any] | None = None) -> None:
-        """Replace the inputs of block `index` by its outputs (the next block's inputs); children with a replay
-        return their recorded outputs instead of running."""
-        spilled = isinstance(self.hidden, SpilledBatches)
-        outputs: Any = self.hidden.sibling(f"block-{index + 1:04d}") if spilled else []
+        """Replace the inputs of block `index` by its outputs (the next block's inputs), in place in memory;
+        children with a replay return their recorded outputs instead of running."""
+        kwargs = self.kwargs[index]
         with torch.no_grad(), _replaying(block, replays or {}) as cursor:
-            for i, (h, kw) in enumerate(zip(self.hidden, self.kwargs[index])):
+            def run(i: int, h: torch.Tensor) -> torch.Tensor:
                 cursor[0] = i
-                outputs.append(_output(block(h, **kw)))
-                if not spilled:
-                    self.hidden[i] = None  # used: free it while the outputs grow
-        if spilled:
-            self.hidden.remove()
+                return _output(block(h, **kwargs[i]))
+
+            if isinstance(self.hidden, _Rows):
+                self.hidden.map_(run)
+                return
+            outputs = self.hidden.sibling(f"block-{index + 1:04d}")
+            for i, h in enumerate(self.hidden):
+                outputs.append(run(i, h))
+        self.hidden.remove()
         self.hidden = outputs
 
 
@@ -222,7 +227,8 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
             _process_block(block, prefix, groups, captured, index, stage)
         if checkpoints is not None:
             checkpoints.store(index, block, prefix)
-        captured.advance(block, index, state.replays)
+        if not _passes_through(block, captured, index, state.replays):
+            captured.advance(block, index, state.replays)
         del state  # the replayed outputs: freed before the next block starts
         trim_heap()  # without it, holes left by one block's tensors add up over the blocks (~10 MB per block)
         block.to(home)
@@ -256,7 +262,10 @@ def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tens
     """Run the model's embedding and mask/rotary preparation for every batch, recording what each block receives;
     the blocks themselves are replaced by pass-throughs so nothing else is computed. With `spilled`, the inputs of
     block 0 go to its files."""
-    captured = _Captured(hidden=spilled if spilled is not None else [], kwargs=[[] for _ in layers])
+    batches = shard(list(windows.split(batch_size)))  # this process's batches (all of them alone)
+    # one allocation for all batches: see _Rows
+    captured = _Captured(hidden=spilled if spilled is not None else _Rows([b.numel() for b in batches]),
+                         kwargs=[[] for _ in layers])
     embed = model.get_input_embeddings()
     moved = [m for m in (embed, getattr(model.model, "rotary_emb", None)) if m is not None]
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
@@ -269,8 +278,10 @@ def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tens
             kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
             kwargs["use_cache"] = False
             captured.kwargs[index].append(kwargs)
-            if index == 0:
-                captured.hidden.append(hidden)
+            if index == 0 and captured.hidden.append(hidden) is False:
+                raise RuntimeError(f"the model gave block 0 inputs of shape {tuple(hidden.shape)} for "
+                                   f"{len(captured.hidden.shapes) + 1}. batch of calibration windows; expected "
+                                   "one row per token")
             if index == len(layers) - 1:
                 raise _Stop
         return hook
@@ -280,7 +291,7 @@ def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tens
         layer.forward = _passthrough  # instance attribute: hooks still run, the block's math does not
     try:
         with torch.no_grad():
-            for batch in shard(list(windows.split(batch_size))):  # this process's batches (all of them alone)
+            for batch in batches:
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _Stop:
@@ -420,6 +431,9 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i: int) -> torch.Tensor:
         assert self.buffer is not None
         width = self.shapes[i][-1]
@@ -427,12 +441,12 @@ class _Rows:
         return flat.view(self.shapes[i])
 
     def map_(self, fn: Any) -> None:
-        """Replace every batch's tensor by fn(tensor), in place when the result is not wider (batch i's result
+        """Replace every batch's tensor by fn(i, tensor), in place when the result is not wider (batch i's result
         only overwrites rows of batches up to i, already read), else in a new allocation."""
         assert self.buffer is not None
         results = _Rows(self.counts)
         for i in range(len(self)):
-            y = fn(self[i])
+            y = fn(i, self[i])
             if y.shape[-1] > self.buffer.shape[1] or y.dtype != self.buffer.dtype:
                 results.append(y)
                 continue
@@ -464,11 +478,12 @@ class _Zeros:
     """A folded child: its outputs were added into the block inputs, so from then on it adds zeros. Negative zeros:
     x + (-0.0) is x for every x, -0.0 included, where x + 0.0 would turn a -0.0 into +0.0."""
 
-    like: list[torch.Tensor]  # per batch, a tensor of the child output's shape, dtype and device (the block input)
+    like: list[tuple[torch.Size, torch.dtype, torch.device]]  # per batch: the shape, dtype and device of the output
     arity: int
 
     def result(self, i: int) -> Any:
-        return _as_result(torch.full_like(self.like[i], -0.0), self.arity)
+        shape, dtype, device = self.like[i]
+        return _as_result(torch.full(shape, -0.0, dtype=dtype, device=device), self.arity)
 
 
 @dataclass
@@ -612,7 +627,8 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
         return
     if tail_inputs is not None and fits[0] and len(tail_inputs) == len(calls):
         with torch.no_grad():
-            tail_inputs.map_(block.get_submodule(rel[0]))  # the changed linear: the child's outputs from now on
+            linear = block.get_submodule(rel[0])
+            tail_inputs.map_(lambda i, x: linear(x))  # the changed linear: the child's outputs from now on
         state.replays[child_name] = _Replay(tail_inputs, tail[1])
         if getattr(stage, "keeps_to_its_group", False):
             _fold(block, child_name, captured, index, state)
@@ -621,8 +637,8 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
 
 
 def _fold(block: nn.Module, child: str, captured: _Captured, index: int, state: _BlockState) -> None:
-    """Add the replayed outputs of `child` into the recorded block inputs, in the replay's buffer, and let the child
-    return zeros from now on, when the block only adds the child's output to its input (a residual branch).
+    """Add the replayed outputs of `child` into the recorded block inputs, in place, and let the child return zeros
+    from now on, when the block only adds the child's output to its input (a residual branch).
 
     The check runs the block twice on the first row of the first batch, other replayed children returning their
     recorded rows: on (x, child gives y) and on (x + y, child gives 0). A block that normalizes the child's output
@@ -630,7 +646,7 @@ def _fold(block: nn.Module, child: str, captured: _Captured, index: int, state: 
     outputs and is not folded. Equal outputs bit for bit make the fold exact: the block computes the same x + y."""
     replay = state.replays[child]
     hidden = captured.hidden
-    if not isinstance(replay, _Replay) or not isinstance(hidden, list) or any(
+    if not isinstance(replay, _Replay) or not isinstance(hidden, _Rows) or any(
             replay.outputs[i].shape != h.shape or replay.outputs[i].dtype != h.dtype for i, h in enumerate(hidden)):
         return
     batch = hidden[0].shape[0]
@@ -651,11 +667,27 @@ def _fold(block: nn.Module, child: str, captured: _Captured, index: int, state: 
     if not torch.equal(want, got):
         return
     for i in range(len(hidden)):
-        folded = replay.outputs[i]
-        folded.add_(hidden[i])  # y + x: the same bits as the block's x + y (addition commutes exactly)
-        hidden[i] = folded  # the old input is freed here
-    state.replays[child] = _Zeros(hidden, replay.arity)
+        hidden[i].add_(replay.outputs[i])  # the block's own x + y, bit for bit
+    state.replays[child] = _Zeros([(h.shape, h.dtype, h.device) for h in hidden], replay.arity)  # frees the replay
     state.folded = True
+
+
+def _passes_through(block: nn.Module, captured: _Captured, index: int, replays: dict[str, Any]) -> bool:
+    """Whether the block, every calibrated child folded, returns its input unchanged (checked bit for bit on one
+    row, like the folds): the recorded inputs are then its outputs already and the pass computing them is skipped."""
+    hidden = captured.hidden
+    if not replays or not all(isinstance(r, _Zeros) for r in replays.values()) or not isinstance(hidden, _Rows):
+        return False
+    batch = hidden[0].shape[0]
+    x = hidden[0][:1].clone()  # a copy: a block may change its input in place
+    probe = {n: _Fixed(_first_rows(r.result(0), batch)) for n, r in replays.items()}
+    try:
+        with torch.no_grad(), _replaying(block, probe):
+            y = _output(block(x, **_first_rows(captured.kwargs[index][0], batch)))
+    except Exception as e:  # the pass runs as usual
+        log.debug("block %d: the pass-through probe failed (%s)", index, e)
+        return False
+    return torch.equal(y, hidden[0][:1])
 
 
 def _first_rows(value: Any, batch: int) -> Any:

@@ -269,6 +269,9 @@ def test_folding_replayed_branches_into_the_block_inputs_is_exact(family, folds,
         folded.append((index, child, isinstance(state.replays[child], seq._Zeros)))
 
     monkeypatch.setattr(seq, "_fold", spy)
+    through = []
+    passes = seq._passes_through
+    monkeypatch.setattr(seq, "_passes_through", lambda *a: through.append(passes(*a)) or through[-1])
     model = tiny_model(family)
     ids = torch.randint(0, model.config.vocab_size, (5, 24))
 
@@ -281,8 +284,36 @@ def test_folding_replayed_branches_into_the_block_inputs_is_exact(family, folds,
     assert folded and all(f == folds for _, _, f in folded)  # (Gemma 2's attention is not even replayed)
     if folds:
         assert [c for _, c, _ in folded] == ["self_attn", "mlp"] * layers
+    # both branches folded: the block returns its input, so no pass computes the next block's inputs (and the real
+    # inputs below show that block i + 1 still saw block i's outputs)
+    assert through == [folds] * layers
     real = _real_linear_inputs(model, ids, set(rec.seen), 2)
     assert len(real) == 7 * layers
+    for name, got in rec.seen.items():
+        assert torch.allclose(got, real[name], atol=1e-4), name
+
+
+def test_a_block_that_does_more_than_add_its_folded_branches_is_still_run(monkeypatch):
+    """Folding both branches makes a Llama block return its input; a block that also changes the sum afterwards
+    (here a forward hook adds 1) must not be skipped: the next block's inputs come from running it."""
+    import compressor.sequential as seq
+
+    through = []
+    passes = seq._passes_through
+    monkeypatch.setattr(seq, "_passes_through", lambda *a: through.append(passes(*a)) or through[-1])
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.register_forward_hook(lambda m, a, out: (out[0] + 1,) + tuple(out[1:]) if isinstance(out, tuple)
+                                    else out + 1)
+    ids = torch.randint(0, model.config.vocab_size, (5, 24))
+
+    class LocalScale(ScaleEachGroup):
+        keeps_to_its_group = True
+
+    rec = LocalScale()
+    run_layerwise(model, ids, rec, batch_size=2)
+    assert through == [False] * model.config.num_hidden_layers
+    real = _real_linear_inputs(model, ids, set(rec.seen), 2)
     for name, got in rec.seen.items():
         assert torch.allclose(got, real[name], atol=1e-4), name
 

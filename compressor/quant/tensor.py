@@ -128,6 +128,10 @@ class QuantLinear(nn.Module):
         kernel exists; memory becomes that of a dense layer plus the codes."""
         self.register_buffer("dense", self.qweight.dequantize(dtype), persistent=False)
 
+    def dematerialize(self) -> None:
+        """Drop the weight `materialize` kept: forward dequantizes on each call again."""
+        self._buffers.pop("dense", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = getattr(self, "dense", None)
         w = dense.to(x.dtype) if dense is not None else self.qweight.dequantize(x.dtype)
