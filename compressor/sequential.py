@@ -279,9 +279,8 @@ def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tens
             kwargs["use_cache"] = False
             captured.kwargs[index].append(kwargs)
             if index == 0 and captured.hidden.append(hidden) is False:
-                raise RuntimeError(f"the model gave block 0 inputs of shape {tuple(hidden.shape)} for "
-                                   f"{len(captured.hidden.shapes) + 1}. batch of calibration windows; expected "
-                                   "one row per token")
+                raise RuntimeError(f"the model gave block 0 inputs of shape {tuple(hidden.shape)} for calibration "
+                                   f"batch {len(captured.hidden.shapes) + 1}; the runner expects one row per token")
             if index == len(layers) - 1:
                 raise _Stop
         return hook
