@@ -648,22 +648,11 @@ def _fold(block: nn.Module, child: str, captured: _Captured, index: int, state: 
     if not isinstance(replay, _Replay) or not isinstance(hidden, _Rows) or any(
             replay.outputs[i].shape != h.shape or replay.outputs[i].dtype != h.dtype for i, h in enumerate(hidden)):
         return
-    batch = hidden[0].shape[0]
-    x = hidden[0][:1].clone()  # a copy: a block may change its input in place
-    kwargs = _first_rows(captured.kwargs[index][0], batch)
-    probe = {n: _Fixed(_first_rows(r.result(0), batch)) for n, r in state.replays.items()}
-    y = _first_rows(replay.outputs[0], batch)
-    try:
-        with torch.no_grad():
-            with _replaying(block, probe):
-                want = _output(block(x, **kwargs))
-            probe[child] = _Fixed(_as_result(torch.full_like(y, -0.0), replay.arity))
-            with _replaying(block, probe):
-                got = _output(block(x + y, **kwargs))
-    except Exception as e:  # a block that cannot run on one row is left unfolded: only memory is at stake
-        log.debug("%s of block %d not folded: the probe failed (%s)", child, index, e)
-        return
-    if not torch.equal(want, got):
+    y = _first_rows(replay.outputs[0], hidden[0].shape[0])
+    want = _one_row(block, captured, index, state.replays)
+    got = _one_row(block, captured, index, state.replays, add=y,
+                   override={child: _Fixed(_as_result(torch.full_like(y, -0.0), replay.arity))})
+    if want is None or got is None or not torch.equal(want, got):  # left unfolded: only memory is at stake
         return
     for i in range(len(hidden)):
         hidden[i].add_(replay.outputs[i])  # the block's own x + y, bit for bit
@@ -677,16 +666,26 @@ def _passes_through(block: nn.Module, captured: _Captured, index: int, replays: 
     hidden = captured.hidden
     if not replays or not all(isinstance(r, _Zeros) for r in replays.values()) or not isinstance(hidden, _Rows):
         return False
+    y = _one_row(block, captured, index, replays)
+    return y is not None and torch.equal(y, hidden[0][:1])
+
+
+def _one_row(block: nn.Module, captured: _Captured, index: int, replays: dict[str, Any],
+             add: torch.Tensor | None = None, override: dict[str, Any] | None = None) -> torch.Tensor | None:
+    """The block's output on the first row of its first batch (plus `add`), replayed children returning their rows
+    for that batch (or `override`'s results); None when the block cannot run on one row."""
+    hidden = captured.hidden
     batch = hidden[0].shape[0]
     x = hidden[0][:1].clone()  # a copy: a block may change its input in place
-    probe = {n: _Fixed(_first_rows(r.result(0), batch)) for n, r in replays.items()}
+    if add is not None:
+        x += add
+    probe = {n: _Fixed(_first_rows(r.result(0), batch)) for n, r in replays.items()} | (override or {})
     try:
         with torch.no_grad(), _replaying(block, probe):
-            y = _output(block(x, **_first_rows(captured.kwargs[index][0], batch)))
-    except Exception as e:  # the pass runs as usual
-        log.debug("block %d: the pass-through probe failed (%s)", index, e)
-        return False
-    return torch.equal(y, hidden[0][:1])
+            return _output(block(x, **_first_rows(captured.kwargs[index][0], batch)))
+    except Exception as e:
+        log.debug("block %d: a one-row probe failed (%s)", index, e)
+        return None
 
 
 def _first_rows(value: Any, batch: int) -> Any:

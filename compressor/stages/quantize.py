@@ -122,17 +122,19 @@ def _rtn(module: nn.Linear, cfg: QuantizeConfig, width: tuple[int, int]) -> Quan
 
 
 def _replace(model: nn.Module, name: str, module: nn.Linear, qt: QuantizedTensor, report: StageReport,
-             loss: float | None, damp: float | None) -> None:
+             loss: float | None, damp: float | None) -> QuantLinear:
     device = module.weight.device
     bias = module.bias.detach() if module.bias is not None else None
     qt = QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.zeros.to(device), qt.bits, qt.group_size,
                          qt.symmetric)
-    set_submodule(model, name, QuantLinear(qt, bias))
+    layer = QuantLinear(qt, bias)
+    set_submodule(model, name, layer)
     row = {"name": name, "shape": list(qt.shape), "bits": qt.bits, "group_size": qt.group_size}
     if loss is not None:
         row["gptq_loss"] = round(loss, 6)
         row["damp"] = damp
     report.layers.append(row)
+    return layer
 
 
 class _HessianStage:
@@ -192,7 +194,7 @@ class _GPTQStage(_HessianStage):
         self.model, self.cfg, self.widths, self.report = model, cfg, widths, report
         self.names = set(widths)
         # The finished layers of the current block keep their dequantized weights: the block's later passes call
-        # each of them once per batch, and dequantizing every time cost ~6% of a SmolLM2 run.
+        # each of them once per batch, and dequantizing every time took 1.8 s of a 41 s six-block SmolLM2 profile.
         self.materialized: list[QuantLinear] = []
         self.block: int | None = None
 
@@ -222,8 +224,7 @@ class _GPTQStage(_HessianStage):
                 module = group[name][0]
                 rows = slice(start, start + module.out_features)
                 start = rows.stop
-                _replace(self.model, name, module, res.qweight.rows(rows), self.report,
-                         loss=float(res.row_loss[rows].sum()), damp=res.damp)
-                quantized = self.model.get_submodule(name)
+                quantized = _replace(self.model, name, module, res.qweight.rows(rows), self.report,
+                                     loss=float(res.row_loss[rows].sum()), damp=res.damp)
                 quantized.materialize(module.weight.dtype)  # the dtype the block's passes run in
                 self.materialized.append(quantized)
