@@ -38,6 +38,9 @@ OURS = [  # name, args
     ("compressor RTN W4 g32 sym", ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]),
     ("compressor GPTQ W4 g32 sym act-order", ["--method", "gptq", "--bits", "4", "--group-size", "32", "--sym",
                                               "--act-order"]),
+    ("compressor GPTQ W4 g32 sym act-order float32 passes", ["--method", "gptq", "--bits", "4", "--group-size",
+                                                             "32", "--sym", "--act-order", "--precision",
+                                                             "float32"]),
     ("compressor GPTQ W4 g32 sym act-order one-pass", ["--method", "gptq", "--bits", "4", "--group-size", "32",
                                                        "--sym", "--act-order", "--no-sequential"]),
     ("compressor GPTQ W4 g32 sym act-order clip-search", ["--method", "gptq", "--bits", "4", "--group-size", "32",
@@ -51,9 +54,13 @@ OURS = [  # name, args
     ("compressor GPTQ W8 per-channel sym", ["--method", "gptq", "--bits", "8", "--group-size", "-1", "--sym",
                                             "--act-order"]),
 ]
-PEERS = [  # name, venv, script
-    ("GPTQModel GPTQ W4 g32 sym act-order", "gptqmodel", "run_gptqmodel.py"),
-    ("llm-compressor GPTQ W4 g32 sym act-order", "llmcompressor", "run_llmcompressor.py"),
+PEERS = [  # name, venv, script, extra args
+    ("GPTQModel GPTQ W4 g32 sym act-order", "gptqmodel", "run_gptqmodel.py", []),
+    ("llm-compressor GPTQ W4 g32 sym act-order", "llmcompressor", "run_llmcompressor.py", []),
+    # the peers on the model rounded to bfloat16 (their way to bfloat16 speed; ours keeps float32 weights)
+    ("GPTQModel GPTQ W4 g32 sym act-order bfloat16", "gptqmodel", "run_gptqmodel.py", ["--dtype", "bfloat16"]),
+    ("llm-compressor GPTQ W4 g32 sym act-order bfloat16", "llmcompressor", "run_llmcompressor.py",
+     ["--dtype", "bfloat16"]),
 ]
 PEER_ARGS = ["--bits", "4", "--group-size", "32", "--sym", "--act-order", "--damp", "0.01"]
 
@@ -87,12 +94,12 @@ def main() -> None:
     for name, extra in OURS:
         variants.append((name, [sys.executable, str(ROOT / "benchmarks/quantize_ours.py")] + extra, "ours"))
     if not args.no_peers:
-        for name, venv, script in PEERS:
+        for name, venv, script, extra in PEERS:
             py = ROOT / "benchmarks" / ".venvs" / venv / "bin" / "python"
             if not py.exists():
                 print(f"skip {name}: {py} missing (run benchmarks/peers/setup_venvs.sh)", file=sys.stderr)
                 continue
-            variants.append((name, [str(py), str(ROOT / "benchmarks/peers" / script)] + PEER_ARGS, "peer"))
+            variants.append((name, [str(py), str(ROOT / "benchmarks/peers" / script)] + PEER_ARGS + extra, "peer"))
     if args.only:
         keys = [k.strip() for k in args.only.split(",")]
         unknown = set(keys) - {v[0] for v in variants}

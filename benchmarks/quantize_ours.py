@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from compressor.models import load
 from compressor.quant.tensor import QuantLinear
 from compressor.recipe import ModelConfig, QuantizeConfig, QuantizeStage
+from compressor.sequential import compute_dtype
 from compressor.stages import StageContext, apply_stage
 from export.safetensors import load_checkpoint, write_gptq
 
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="calibration.precision: what the calibration passes multiply in")
     ap.add_argument("--mixed-target", type=float, default=None,
                     help="mixed precision: average stored bits per weight over the quantized layers")
     ap.add_argument("--mixed-choices", default="2,3,4,5,8", help="mixed precision: comma-separated widths")
@@ -57,8 +60,9 @@ def main() -> None:
                              "choices": [int(c) if c.strip().isdigit() else c.strip()
                                          for c in args.mixed_choices.split(",")]})
     start = time.perf_counter()
+    dtype = compute_dtype(args.precision, model, "cpu")
     report = apply_stage(QuantizeStage(quantize=cfg), model,
-                         StageContext(calibration=calib, batch_size=args.batch_size))
+                         StageContext(calibration=calib, batch_size=args.batch_size, compute_dtype=dtype))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -73,6 +77,7 @@ def main() -> None:
     with torch.no_grad():
         diff = (loaded(ids).logits - model(ids).logits).abs().max().item()
     result = {"peer": "compressor", "seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1),
+              "precision": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
               "roundtrip_max_abs_logit_diff": diff, "settings": cfg.model_dump(mode="json"),
               "stage": report.to_dict()}
     (args.out / "result.json").write_text(json.dumps(result, indent=2))

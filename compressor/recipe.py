@@ -52,6 +52,10 @@ class CalibrationConfig(DataConfig):
     seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per window")
     seed: int = 0
     batch_size: int = Field(8, gt=0, description="windows per forward pass while calibrating")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the matrix products in the layer-by-layer calibration passes (weights, the "
+        "residual stream and the algorithms keep the model's dtype); auto: bfloat16 for a float32 model where it is "
+        "much faster (CPUs with AMX, CUDA GPUs with bfloat16), else the model's dtype")
 
 
 class EvalDataConfig(DataConfig):

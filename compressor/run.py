@@ -25,6 +25,7 @@ from .quant.tensor import QuantLinear
 from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir, sha256
 from .recipe import DistillStage, LowRankStage, PruneDepthStage, PruneStage, PruneWidthStage, QuantizeStage, Recipe
 from .report import budget_failures, markdown
+from .sequential import compute_dtype
 from .stages import StageContext, apply_stage
 from .stages.low_rank import check_low_rank, low_rank_targets, planned_ranks
 from .stages.prune import check_prune_shapes
@@ -254,6 +255,17 @@ def _check_data_parallel(recipe: Recipe) -> None:
                            "this recipe. Data-parallel calibration covers quantize (rtn, gptq, awq) and prune")
 
 
+def _stage_context(recipe: Recipe, model: torch.nn.Module, calib: torch.Tensor | None, device: str,
+                   **extra: Any) -> StageContext:
+    cfg = recipe.calibration
+    dtype = compute_dtype(cfg.precision, model, device) if cfg is not None else None
+    if dtype is not None:
+        log.info("calibration passes multiply in %s (calibration.precision: %s)", str(dtype).removeprefix("torch."),
+                 cfg.precision)
+    return StageContext(calibration=calib, batch_size=cfg.batch_size if cfg else 8, device=device,
+                        compute_dtype=dtype, **extra)
+
+
 def _calibration_windows(cfg: Any, model: torch.nn.Module, tokenizer: Any, device: str) -> torch.Tensor:
     if cfg.source == data.MODEL_SOURCE:
         return data.generated_windows(model, tokenizer, cfg, device)
@@ -268,7 +280,7 @@ def _help_calibrate(recipe: Recipe) -> RunResult:
     cfg = recipe.calibration
     # the windows rank 0 draws (seeded): the runner then takes this process's share
     calib = _calibration_windows(cfg, model, tokenizer, device) if cfg is not None else None
-    ctx = StageContext(calibration=calib, batch_size=cfg.batch_size if cfg else 8, device=device)
+    ctx = _stage_context(recipe, model, calib, device)
     reports = [apply_stage(stage, model, ctx).to_dict() for stage in recipe.stages]
     return RunResult(output=Path(recipe.output), report={"stages": reports, "helper": True}, passed=True)
 
@@ -304,7 +316,7 @@ def _cached_stages(recipe: Recipe, model: torch.nn.Module, ctx: StageContext, ba
     if not (roots and stage_cache.cacheable(recipe)) or world()[1] > 1:
         return _apply_stages(recipe, model, ctx, baseline, distill_windows, device, timings)
     with timings.phase("stage cache: look up"):
-        digests = stage_cache.keys(recipe, model, ctx.calibration, device)
+        digests = stage_cache.keys(recipe, model, ctx.calibration, device, ctx.compute_dtype)
         config_before = model.config.to_dict()
         reports: list[dict[str, Any]] = []
         for done in range(len(digests), 0, -1):  # the longest stored prefix of the stage list
@@ -425,8 +437,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
                            if isinstance(s, DistillStage) and s.distill.data is not None}
     baseline = (loaded if shared is not None else copy.deepcopy(model)) if recipe.evaluate else None
 
-    ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size if recipe.calibration else 8,
-                       device=device)
+    ctx = _stage_context(recipe, model, calib, device)
     stages_key = [device, *stages_inputs(recipe)]
     reused = shared is not None and shared.has("compressed model", stages_key)
     with timings.phase("stages (reused from an earlier variant)" if reused else "stages"):
@@ -443,7 +454,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
         with timings.phase(f"export {name}"):
             artifacts.append(_export(target, name, work, model, tokenizer, source, quant, calib, ctx, stats))
 
-    report = _report_head(recipe, source, model, params, stage_reports, calib, artifacts)
+    report = _report_head(recipe, source, model, params, stage_reports, ctx, artifacts)
     if reused:
         report["notes"].append("the stages' result (and their reports) came from an earlier run of the sweep with "
                                "the same model, calibration, stages and seed")
@@ -469,7 +480,7 @@ def _run_in(recipe: Recipe, work: Path, device: str, timings: _Timings, shared: 
 
 
 def _report_head(recipe: Recipe, source: models.ModelSource, model: torch.nn.Module, params: int,
-                 stage_reports: list[dict[str, Any]], calib: torch.Tensor | None,
+                 stage_reports: list[dict[str, Any]], ctx: StageContext,
                  artifacts: list[dict[str, Any]]) -> dict[str, Any]:
     """What every run's report.json starts with."""
     return {
@@ -478,7 +489,7 @@ def _report_head(recipe: Recipe, source: models.ModelSource, model: torch.nn.Mod
         "model": {"id": recipe.model.id, "source": source.describe(), "model_type": model.config.model_type,
                   "parameters": params},
         "stages": stage_reports,
-        "calibration": _describe_calibration(recipe, calib),
+        "calibration": _describe_calibration(recipe, ctx, next(model.parameters()).dtype),
         "artifacts": artifacts,
         "notes": [],
     }
@@ -597,7 +608,7 @@ def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) ->
     stream = lazy.StreamedBlocks(model, files, spill / "blocks")
     if spill_activations:
         stream.activations = spill / "activations"
-    ctx = StageContext(calibration=calib, batch_size=recipe.calibration.batch_size, device=device, stream=stream)
+    ctx = _stage_context(recipe, model, calib, device, stream=stream)
     try:
         stage_reports = _apply_stages(recipe, model, ctx, None, {}, device, timings)
         artifacts = []
@@ -607,7 +618,7 @@ def _run_streamed(recipe: Recipe, work: Path, device: str, timings: _Timings) ->
                 artifacts.append(_export(target, name, work, model, tokenizer, source, [quant], calib, ctx, {}))
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    report = _report_head(recipe, source, model, params, stage_reports, calib, artifacts)
+    report = _report_head(recipe, source, model, params, stage_reports, ctx, artifacts)
     report.update({
         "memory": {"budget_gb": recipe.memory_budget_gb, "estimated_peak_gb": round(need / 2**30, 3),
                    "parts_gb": {k: round(v / 2**30, 3) for k, v in parts.items()}, "mode": "block by block",
@@ -754,15 +765,16 @@ def _check_lengths(recipe: Recipe, model: torch.nn.Module) -> None:
             raise RunError(f"{field_name} {cfg.seq_len} exceeds the model's context of {limit} tokens")
 
 
-def _describe_calibration(recipe: Recipe, calib: torch.Tensor | None) -> dict[str, Any] | None:
-    if calib is None or recipe.calibration is None:
+def _describe_calibration(recipe: Recipe, ctx: StageContext, model_dtype: torch.dtype) -> dict[str, Any] | None:
+    if ctx.calibration is None or recipe.calibration is None:
         return None
     c = recipe.calibration
     split = c.split or "train"
     where = ("sampled from the model itself (data-free)" if c.source == data.MODEL_SOURCE
              else f"from {c.source} ({split})")
+    dtype = str(ctx.compute_dtype or model_dtype).removeprefix("torch.")
     return {"source": c.source, "split": split, "samples": c.samples, "seq_len": c.seq_len, "seed": c.seed,
-            "description": f"{c.samples} x {c.seq_len} tokens {where}, seed {c.seed}"}
+            "precision": dtype, "description": f"{c.samples} x {c.seq_len} tokens {where}, seed {c.seed}"}
 
 
 def _evaluate(recipe: Recipe, report: dict[str, Any], work: Path, baseline: torch.nn.Module,

@@ -24,6 +24,10 @@ else in the block (AWQ folds scales into a norm), they are dropped and later pas
   needs no pass to produce the next block's inputs: they are the folded ones.
 
 The runner knows no algorithm: a stage says which linears it wants, what to accumulate, and what to do with a group.
+
+With a `compute_dtype` (bfloat16 where the hardware multiplies it fast, see `compute_dtype`), the block's matrix
+products in these passes run in it through autocast: weights and the residual stream stay in the model's dtype, and
+a stage's `process` (the algorithm) runs with autocast off.
 """
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ class HessianAccumulator:
 
     def __init__(self, features: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(features, features, device=device, dtype=torch.float64)
-        self._batch = torch.zeros(features, features, device=device)
+        self._batch: torch.Tensor | None = None  # made by the first add (and dropped once the sum is read)
         self.rows = 0
         step = -(-features // self.CHUNKS)
         self.bounds = [(a, min(a + step, features)) for a in range(0, features, step)]
@@ -90,9 +94,10 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).float()
         if self._batch is None:
             self._batch = torch.zeros_like(self.sum, dtype=torch.float32)
-        for a, b in self.bounds:  # upper triangle by block rows; the lower one is mirrored when read
-            self._batch[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=0)
-            self.sum[a:b, a:] += self._batch[a:b, a:]
+        with _products_like_autocast(x.device):
+            for a, b in self.bounds:  # upper triangle by block rows; the lower one is mirrored when read
+                self._batch[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=0)
+                self.sum[a:b, a:] += self._batch[a:b, a:]
         self.rows += x.shape[0]
 
     def all_reduce(self) -> None:
@@ -182,7 +187,8 @@ class _Captured:
 
 def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", label: str = "calibrate", sequential: bool = True,
-                  checkpoints: BlockCheckpoints | None = None, stream: StreamedBlocks | None = None) -> None:
+                  checkpoints: BlockCheckpoints | None = None, stream: StreamedBlocks | None = None,
+                  compute_dtype: torch.dtype | None = None) -> None:
     """Run `stage` over every decoder block of `model` on calibration `windows` [n, seq_len].
 
     With `sequential` false, all groups of a block collect their statistics in one forward pass of the unchanged
@@ -193,7 +199,9 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
     instead of processed (the calibration inputs still pass through it, to reach the next block).
 
     With `stream` (a model larger than memory, compressor.lazy), each block is read from the weight files when its
-    turn comes and spilled to disk once processed."""
+    turn comes and spilled to disk once processed.
+
+    With `compute_dtype`, the blocks' matrix products run in that dtype (see the module docstring)."""
     layers = decoder_layers(model)
     spill = getattr(stream, "activations", None)
     captured = _capture_inputs(model, layers, windows, batch_size, device,
@@ -203,41 +211,42 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
     start = time.perf_counter()
     known: dict[tuple[str, ...], _Layout] = {}  # blocks of one layout share their input groups
     for index, block in enumerate(layers):
-        prefix = _prefix(model, block)
-        if stream is not None:
-            stream.load(index, block)
-        home = next(block.parameters()).device
-        block.to(device)
-        if checkpoints is not None and checkpoints.restore(index, block):
-            log.info("%s: block %d/%d restored from the interrupted run", label, index + 1, len(layers))
-            captured.advance(block, index)
+        with _computing_in(device, compute_dtype):
+            prefix = _prefix(model, block)
+            if stream is not None:
+                stream.load(index, block)
+            home = next(block.parameters()).device
+            block.to(device)
+            if checkpoints is not None and checkpoints.restore(index, block):
+                log.info("%s: block %d/%d restored from the interrupted run", label, index + 1, len(layers))
+                captured.advance(block, index)
+                block.to(home)
+                continue
+            wanted = tuple(n for n, m in block.named_modules()
+                           if isinstance(m, nn.Linear) and stage.wants(f"{prefix}.{n}", m))
+            if wanted not in known:
+                known[wanted] = _layout(block, prefix, captured.hidden[0], captured.kwargs[index][0], stage)
+            groups = [[f"{prefix}.{n}" for n in g] for g in known[wanted].groups]
+            state = _BlockState(known[wanted])
+            if sequential:
+                for names in groups:
+                    _process_group(block, prefix, names, captured, index, stage, state)
+                state.resume = None
+            else:
+                _process_block(block, prefix, groups, captured, index, stage)
+            if checkpoints is not None:
+                checkpoints.store(index, block, prefix)
+            if not _passes_through(block, captured, index, state.replays):
+                captured.advance(block, index, state.replays)
+            del state  # the replayed outputs: freed before the next block starts
+            trim_heap()  # without it, holes left by one block's tensors add up over the blocks (~10 MB per block)
             block.to(home)
-            continue
-        wanted = tuple(n for n, m in block.named_modules()
-                       if isinstance(m, nn.Linear) and stage.wants(f"{prefix}.{n}", m))
-        if wanted not in known:
-            known[wanted] = _layout(block, prefix, captured.hidden[0], captured.kwargs[index][0], stage)
-        groups = [[f"{prefix}.{n}" for n in g] for g in known[wanted].groups]
-        state = _BlockState(known[wanted])
-        if sequential:
-            for names in groups:
-                _process_group(block, prefix, names, captured, index, stage, state)
-            state.resume = None
-        else:
-            _process_block(block, prefix, groups, captured, index, stage)
-        if checkpoints is not None:
-            checkpoints.store(index, block, prefix)
-        if not _passes_through(block, captured, index, state.replays):
-            captured.advance(block, index, state.replays)
-        del state  # the replayed outputs: freed before the next block starts
-        trim_heap()  # without it, holes left by one block's tensors add up over the blocks (~10 MB per block)
-        block.to(home)
-        if stream is not None:
-            stream.release(index, block)
-        elapsed = time.perf_counter() - start
-        done = index + 1 - (checkpoints.restored if checkpoints is not None else 0)
-        eta = elapsed / max(done, 1) * (len(layers) - index - 1)
-        log.info("%s: block %d/%d done, elapsed %.0fs, ETA %.0fs", label, index + 1, len(layers), elapsed, eta)
+            if stream is not None:
+                stream.release(index, block)
+            elapsed = time.perf_counter() - start
+            done = index + 1 - (checkpoints.restored if checkpoints is not None else 0)
+            eta = elapsed / max(done, 1) * (len(layers) - index - 1)
+            log.info("%s: block %d/%d done, elapsed %.0fs, ETA %.0fs", label, index + 1, len(layers), elapsed, eta)
 
 
 def _combine(acc: Accumulator) -> None:
@@ -255,6 +264,66 @@ def _prefix(model: nn.Module, block: nn.Module) -> str:
         if module is block:
             return name
     raise ValueError("block is not part of the model")
+
+
+def compute_dtype(setting: str, model: nn.Module, device: torch.device | str) -> torch.dtype | None:
+    """The dtype the calibration passes multiply in for a recipe's `calibration.precision`, or None for the
+    model's own. `auto` picks bfloat16 for a float32 model where bfloat16 products are much faster than float32 ones
+    (CPUs with AMX, CUDA GPUs that support it) and the model's own dtype elsewhere, where bfloat16 would be slower."""
+    model_dtype = next(model.parameters()).dtype
+    kind = torch.device(device).type
+    if setting == "auto":
+        if model_dtype != torch.float32:
+            return None
+        fast = (torch.cuda.is_bf16_supported() if kind == "cuda" else
+                kind == "cpu" and torch.cpu._is_amx_tile_supported())
+        return torch.bfloat16 if fast else None
+    dtype = getattr(torch, setting)
+    if dtype == model_dtype:
+        return None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"calibration.precision: {setting} needs a cpu or cuda device, not {kind}; use auto")
+    return dtype
+
+
+@contextmanager
+def _computing_in(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None:
+        yield
+        return
+    # no cache of cast weights: a stage may change a weight in place (pruning), and a cached copy would not follow;
+    # the casts it would save were not measurable on SmolLM2
+    with torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False):
+        yield
+
+
+@contextmanager
+def _full_precision(block: nn.Module) -> Iterator[None]:
+    """Autocast off: a stage's algorithm (a Cholesky factor, GPTQ's error updates) needs the model's precision."""
+    kind = next(block.parameters()).device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        yield
+        return
+    with torch.autocast(kind, enabled=False):
+        yield
+
+
+@contextmanager
+def _products_like_autocast(device: torch.device) -> Iterator[None]:
+    """While the block's products run in bfloat16 on a CPU (autocast), float32 matrix products too multiply
+    bfloat16-rounded inputs (oneDNN, AMX), but add them up and return them in float32: a statistic such as xᵀx then
+    stays as positive semi-definite as a float32 one (a product returned in bfloat16 does not: GPTQ needed up to
+    100x the dampening on SmolLM2's attention outputs), at 3x the speed of float32."""
+    mkldnn = torch.backends.mkldnn.matmul
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or \
+            torch.get_autocast_dtype("cpu") != torch.bfloat16 or mkldnn.fp32_precision != "none":
+        yield
+        return
+    mkldnn.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mkldnn.fp32_precision = "none"
 
 
 def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
@@ -390,7 +459,8 @@ def _process_block(block: nn.Module, prefix: str, groups: list[list[str]], captu
             h.remove()
     for m, acc in zip(modules, accs):
         _combine(acc)
-        stage.process(index, block, {n: (mod, acc) for n, mod in m.items()})
+        with _full_precision(block):
+            stage.process(index, block, {n: (mod, acc) for n, mod in m.items()})
 
 
 @dataclass
@@ -614,7 +684,8 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
     _combine(acc)
     before = _fingerprint(block, rel)
     old = [t for m in modules.values() for t in [*m.parameters(), *m.buffers()]]
-    stage.process(index, block, {n: (m, acc) for n, m in modules.items()})
+    with _full_precision(block):
+        stage.process(index, block, {n: (m, acc) for n, m in modules.items()})
     kept = {id(t) for m in (block.get_submodule(r) for r in rel) for t in [*m.parameters(), *m.buffers()]}
     page_out([t for t in old if id(t) not in kept])
     del old
@@ -645,8 +716,10 @@ def _fold(block: nn.Module, child: str, captured: _Captured, index: int, state: 
     outputs and is not folded. Equal outputs bit for bit make the fold exact: the block computes the same x + y."""
     replay = state.replays[child]
     hidden = captured.hidden
+    # the block's x + y has x's dtype when y's is the same or narrower (bfloat16 products on a float32 stream)
     if not isinstance(replay, _Replay) or not isinstance(hidden, _Rows) or any(
-            replay.outputs[i].shape != h.shape or replay.outputs[i].dtype != h.dtype for i, h in enumerate(hidden)):
+            replay.outputs[i].shape != h.shape or torch.promote_types(replay.outputs[i].dtype, h.dtype) != h.dtype
+            for i, h in enumerate(hidden)):
         return
     y = _first_rows(replay.outputs[0], hidden[0].shape[0])
     want = _one_row(block, captured, index, state.replays)

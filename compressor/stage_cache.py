@@ -52,14 +52,16 @@ def cacheable(recipe: Recipe) -> bool:
     return bool(recipe.stages) and all(isinstance(s, CACHEABLE) for s in recipe.stages)
 
 
-def keys(recipe: Recipe, model: nn.Module, calibration: torch.Tensor | None, device: str) -> list[str]:
+def keys(recipe: Recipe, model: nn.Module, calibration: torch.Tensor | None, device: str,
+         compute_dtype: torch.dtype | None = None) -> list[str]:
     """One key per prefix of the stage list: ``keys[i]`` names the model after stages 0..i, so recipes that share
-    their first stages (a 2:4 prune, then 4 or 8 bits) share those stages' result."""
+    their first stages (a 2:4 prune, then 4 or 8 bits) share those stages' result. `compute_dtype` is what the
+    recipe's calibration.precision resolved to on this machine (auto differs between CPUs)."""
     from .run import stages_inputs
 
     model_cfg, calib_cfg, stages, seed = stages_inputs(recipe)
     h = hashlib.sha256()
-    h.update(json.dumps([model_cfg, calib_cfg, seed, device, torch.__version__], sort_keys=True,
+    h.update(json.dumps([model_cfg, calib_cfg, seed, device, torch.__version__, str(compute_dtype)], sort_keys=True,
                         default=str).encode())
     h.update(code_fingerprint().encode())
     for name, t in sorted(model.state_dict().items()):

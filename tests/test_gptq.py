@@ -60,3 +60,35 @@ def test_gptq_runs_on_partial_last_group():
     res = gptq_quantize(w, h, 4, 32, True)
     assert res.qweight.scales.shape == (w.shape[0], 3)
     assert _out_err(w, res.qweight, x) < _out_err(w, quantize_rtn(w, 4, 32, True), x)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_gptq_stage_with_bfloat16_passes_is_as_good_as_with_float32_ones(family):
+    """calibration.precision bfloat16 changes only the precision of the calibration passes: the quantized
+    model's output error must stay that of float32 passes, and nearly all codes must be the same."""
+    import copy
+
+    from compressor.quant.tensor import QuantLinear
+    from compressor.recipe import QuantizeConfig, QuantizeStage
+    from compressor.stages import StageContext, apply_stage
+    from conftest import tiny_model
+
+    ref = tiny_model(family)
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, ref.config.vocab_size, (8, 48), generator=g)
+    test = torch.randint(0, ref.config.vocab_size, (4, 48), generator=g)
+    with torch.no_grad():
+        want = ref(test).logits.log_softmax(-1)
+    kl, codes = {}, {}
+    for dtype in (None, torch.bfloat16):
+        model = copy.deepcopy(ref)
+        cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=True)
+        apply_stage(QuantizeStage(quantize=cfg), model, StageContext(calibration=calib, batch_size=4,
+                                                                     compute_dtype=dtype))
+        with torch.no_grad():
+            got = model(test).logits.log_softmax(-1)
+        kl[dtype] = torch.sum(want.exp() * (want - got), -1).mean().item()
+        codes[dtype] = torch.cat([m.qweight.codes.flatten() for m in model.modules() if isinstance(m, QuantLinear)])
+    agree = (codes[None] == codes[torch.bfloat16]).float().mean().item()
+    assert kl[torch.bfloat16] < 1.1 * kl[None]
+    assert agree > 0.85

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -35,6 +36,8 @@ def test_run_writes_checked_artifact_and_report(family, model_dir_factory, tmp_p
     assert 4 < art["size"]["bits_per_weight"] < 32
     layers = report["stages"][0]["layers"]
     assert len(layers) == 14 and all("gptq_loss" in row for row in layers)
+    # calibration.precision auto: bfloat16 products for this float32 model where the CPU has AMX
+    assert report["calibration"]["precision"] == ("bfloat16" if torch.cpu._is_amx_tile_supported() else "float32")
     record = json.loads((out / "run.json").read_text())
     assert record["versions"]["torch"] and record["seed"] == 0
     for name, digest in record["artifacts"]["safetensors"].items():

@@ -335,3 +335,84 @@ def test_a_stage_that_breaks_its_promise_to_keep_to_its_group_is_stopped():
 
     with pytest.raises(RuntimeError, match="keeps to its group"):
         run_layerwise(model, ids, Liar(), batch_size=2)
+
+
+@pytest.mark.parametrize("family,folds", [("llama", True), ("gemma2", False)])
+def test_bfloat16_passes_give_each_group_its_real_inputs_and_still_fold(family, folds, monkeypatch):
+    """With compute_dtype bfloat16 the block's products run under autocast: a float32 residual stream gets bfloat16
+    branch outputs, which must still fold into it (a Llama block) and leave every group the inputs the autocast
+    model really gives it; the stage's own work runs with autocast off."""
+    import compressor.sequential as seq
+
+    folded = []
+    fold = seq._fold
+
+    def spy(block, child, captured, index, state):
+        fold(block, child, captured, index, state)
+        folded.append(isinstance(state.replays[child], seq._Zeros))
+
+    monkeypatch.setattr(seq, "_fold", spy)
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (5, 24))
+    autocast_in = {"add": set(), "process": set()}
+
+    class LocalScale(ScaleEachGroup):
+        keeps_to_its_group = True
+
+        def accumulator(self, module):
+            acc = super().accumulator(module)
+            add = acc.add
+            acc.add = lambda x: autocast_in["add"].add(torch.is_autocast_enabled("cpu")) or add(x)
+            return acc
+
+        def process(self, block_index, block, group):
+            autocast_in["process"].add(torch.is_autocast_enabled("cpu"))
+            super().process(block_index, block, group)
+
+    rec = LocalScale()
+    run_layerwise(model, ids, rec, batch_size=2, compute_dtype=torch.bfloat16)
+    assert autocast_in == {"add": {True}, "process": {False}}
+    assert folded and all(f == folds for f in folded)
+    assert not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real = _real_linear_inputs(model, ids, set(rec.seen), 2)
+    assert {x.dtype for x in rec.seen.values()} == {torch.float32, torch.bfloat16}  # down_proj's input: bfloat16
+    for name, got in rec.seen.items():
+        assert got.dtype == real[name].dtype, name
+        assert torch.allclose(got.float(), real[name].float(), rtol=1e-2, atol=1e-3), name
+
+
+def test_hessian_under_bfloat16_autocast_is_a_float32_sum_of_rounded_inputs():
+    """Under bfloat16 autocast the Hessian multiplies the bfloat16-rounded inputs but sums in float32: for inputs of
+    low rank (as attention outputs can be) it must stay positive semi-definite, which products returned in bfloat16
+    do not (their rounding errors reach 2^-9 of the largest entries)."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 3) @ torch.randn(3, 96) + 10  # rank 4 with the offset: a singular 96x96 Hessian
+    acc = HessianAccumulator(96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for part in x.split(1024):
+            acc.add(part)
+    rounded = x.bfloat16().double()
+    want = 2 * rounded.T @ rounded / x.shape[0]
+    h = acc.hessian.double()
+    assert torch.allclose(h, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.linalg.eigvalsh(h).min() > -1e-6 * want.abs().max()
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the setting is put back
+
+
+def test_compute_dtype_resolution(monkeypatch):
+    from compressor.sequential import compute_dtype
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert compute_dtype("auto", model, "cpu") is torch.bfloat16
+    assert compute_dtype("float32", model, "cpu") is None
+    assert compute_dtype("float16", model, "cpu") is torch.float16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # bfloat16 would be slower here
+    assert compute_dtype("auto", model, "cpu") is None
+    assert compute_dtype("bfloat16", model, "cpu") is torch.bfloat16
+    half = tiny_model("llama").to(torch.bfloat16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert compute_dtype("auto", half, "cpu") is None  # already bfloat16: no autocast
+    with pytest.raises(ValueError, match="calibration.precision"):
+        compute_dtype("bfloat16", model, "meta")

@@ -53,6 +53,8 @@ class QuantizedTensor:
         return bool(torch.equal(self.g_idx.long(), torch.arange(self.codes.shape[1]) // self.group_size))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if dtype == torch.bfloat16:  # rounded once: in bfloat16 the float16 scales would be rounded before the product
+            return self.dequantize(torch.float32).to(dtype)
         g = self.group_index()
         scales = self.scales.to(dtype)
         zeros = self.zeros.to(dtype)

@@ -87,7 +87,7 @@ def apply_low_rank(cfg: LowRankConfig, model: nn.Module, ctx: StageContext) -> S
     factorizer = _Factorizer(model, cfg, targets, ranks, report)
     if cfg.needs_calibration:
         run_layerwise(model, ctx.calibration, factorizer, batch_size=ctx.batch_size, device=ctx.device,
-                      label=f"low_rank {cfg.method}", sequential=cfg.sequential)
+                      label=f"low_rank {cfg.method}", sequential=cfg.sequential, compute_dtype=ctx.compute_dtype)
     else:
         for i, (name, module) in enumerate(targets.items()):
             factorizer.factorize(name, module, None)
@@ -187,5 +187,5 @@ def _spectra(model: nn.Module, targets: dict[str, nn.Linear], cfg: LowRankConfig
                 for n, m in targets.items()}
     stage = _SpectrumStage(model, cfg, targets)
     run_layerwise(model, ctx.calibration, stage, batch_size=ctx.batch_size, device=ctx.device,
-                  label="low_rank: spectra for the allocation", sequential=False)
+                  label="low_rank: spectra for the allocation", sequential=False, compute_dtype=ctx.compute_dtype)
     return stage.options

@@ -49,7 +49,8 @@ def apply_prune(cfg: PruneConfig, model: nn.Module, ctx: StageContext) -> StageR
     if cfg.allocation == "owl":
         outliers = _OutlierStage(cfg, targets, report, block_of)
         run_layerwise(model, ctx.calibration, outliers, batch_size=ctx.batch_size, device=ctx.device,
-                      label="prune owl: outlier ratios", sequential=False)  # nothing changes: one pass suffices
+                      label="prune owl: outlier ratios", compute_dtype=ctx.compute_dtype,
+                      sequential=False)  # nothing changes: one pass suffices
         blocks = sorted(outliers.ratios)
         per_block = dict(zip(blocks, owl_sparsities([outliers.ratios[b] for b in blocks], cfg.sparsity,
                                                     cfg.owl_lambda)))
@@ -65,7 +66,7 @@ def apply_prune(cfg: PruneConfig, model: nn.Module, ctx: StageContext) -> StageR
         stage = (_WandaStage if cfg.method == "wanda" else _SparseGPTStage)(cfg, targets, report, sparsity)
         run_layerwise(model, ctx.calibration, stage, batch_size=ctx.batch_size, device=ctx.device,
                       label=f"prune {cfg.method}", sequential=cfg.sequential,
-                      checkpoints=ctx.checkpoints(cfg.method, report))
+                      checkpoints=ctx.checkpoints(cfg.method, report), compute_dtype=ctx.compute_dtype)
     removed = sum(r["zeros"] for r in report.layers)
     total = sum(r["shape"][0] * r["shape"][1] for r in report.layers)
     report.summary["measured_sparsity"] = round(removed / max(total, 1), 6)

@@ -63,7 +63,7 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
             raise ValueError("AWQ needs calibration windows")
         awq = _AWQStage(model, cfg, set(targets))
         run_layerwise(model, ctx.calibration, awq, batch_size=ctx.batch_size, device=ctx.device, label="awq scales",
-                      sequential=cfg.sequential)
+                      sequential=cfg.sequential, compute_dtype=ctx.compute_dtype)
         report.summary["awq_scaled_groups"] = sum(1 for r in awq.groups if r["alpha"] is not None)
         report.summary["awq_groups"] = len(awq.groups)
     widths = {name: (cfg.bits, cfg.group_size) for name in targets}
@@ -96,7 +96,7 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
         try:
             run_layerwise(model, ctx.calibration, gptq, batch_size=ctx.batch_size, device=ctx.device,
                           label="quantize gptq", sequential=cfg.sequential, checkpoints=ctx.checkpoints("gptq", report),
-                          stream=ctx.stream)
+                          stream=ctx.stream, compute_dtype=ctx.compute_dtype)
         finally:
             gptq.release()
     if awq is not None:

@@ -95,7 +95,8 @@ def apply_prune_width(cfg: PruneWidthConfig, model: nn.Module, ctx: StageContext
         raise ValueError("prune_width needs calibration windows")
     before = sum(p.numel() for p in decoder_layers(model).parameters())
     stage = _WidthStage(cfg)
-    run_layerwise(model, ctx.calibration, stage, batch_size=ctx.batch_size, device=ctx.device, label="prune width")
+    run_layerwise(model, ctx.calibration, stage, batch_size=ctx.batch_size, device=ctx.device, label="prune width",
+                  compute_dtype=ctx.compute_dtype)
     config = model.config
     block = decoder_layers(model)[0]
     if cfg.mlp:
