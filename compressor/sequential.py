@@ -276,7 +276,7 @@ def compute_dtype(setting: str, model: nn.Module, device: torch.device | str) ->
         if model_dtype != torch.float32:
             return None
         fast = (torch.cuda.is_bf16_supported() if kind == "cuda" else
-                kind == "cpu" and torch.cpu._is_amx_tile_supported())
+                kind == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
         return torch.bfloat16 if fast else None
     dtype = getattr(torch, setting)
     if dtype == model_dtype:
@@ -314,9 +314,9 @@ def _products_like_autocast(device: torch.device) -> Iterator[None]:
     bfloat16-rounded inputs (oneDNN, AMX), but add them up and return them in float32: a statistic such as xᵀx then
     stays as positive semi-definite as a float32 one (a product returned in bfloat16 does not: GPTQ needed up to
     100x the dampening on SmolLM2's attention outputs), at 3x the speed of float32."""
-    mkldnn = torch.backends.mkldnn.matmul
-    if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or \
-            torch.get_autocast_dtype("cpu") != torch.bfloat16 or mkldnn.fp32_precision != "none":
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)  # absent in older torch: plain float32 products
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or mkldnn is None or \
+            torch.get_autocast_dtype("cpu") != torch.bfloat16 or getattr(mkldnn, "fp32_precision", None) != "none":
         yield
         return
     mkldnn.fp32_precision = "bf16"
