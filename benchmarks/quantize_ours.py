@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from compressor.models import load
 from compressor.quant.tensor import QuantLinear
 from compressor.recipe import ModelConfig, QuantizeConfig, QuantizeStage
-from compressor.sequential import compute_dtype
+from compressor.sequential import calibration_dtype
 from compressor.stages import StageContext, apply_stage
 from export.safetensors import load_checkpoint, write_gptq
 
@@ -60,7 +60,7 @@ def main() -> None:
                              "choices": [int(c) if c.strip().isdigit() else c.strip()
                                          for c in args.mixed_choices.split(",")]})
     start = time.perf_counter()
-    dtype = compute_dtype(args.precision, model, "cpu")
+    dtype = calibration_dtype(args.precision, model, "cpu")
     report = apply_stage(QuantizeStage(quantize=cfg), model,
                          StageContext(calibration=calib, batch_size=args.batch_size, compute_dtype=dtype))
     seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ from .quant.tensor import QuantLinear
 from .fileio import atomic_dir, atomic_write_text, file_hashes, replace_dir, sha256
 from .recipe import DistillStage, LowRankStage, PruneDepthStage, PruneStage, PruneWidthStage, QuantizeStage, Recipe
 from .report import budget_failures, markdown
-from .sequential import compute_dtype
+from .sequential import calibration_dtype
 from .stages import StageContext, apply_stage
 from .stages.low_rank import check_low_rank, low_rank_targets, planned_ranks
 from .stages.prune import check_prune_shapes
@@ -258,7 +258,7 @@ def _check_data_parallel(recipe: Recipe) -> None:
 def _stage_context(recipe: Recipe, model: torch.nn.Module, calib: torch.Tensor | None, device: str,
                    **extra: Any) -> StageContext:
     cfg = recipe.calibration
-    dtype = compute_dtype(cfg.precision, model, device) if cfg is not None else None
+    dtype = calibration_dtype(cfg.precision, model, device) if cfg is not None else None
     if dtype is not None:
         log.info("calibration passes multiply in %s (calibration.precision: %s)", str(dtype).removeprefix("torch."),
                  cfg.precision)

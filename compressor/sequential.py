@@ -25,7 +25,7 @@ else in the block (AWQ folds scales into a norm), they are dropped and later pas
 
 The runner knows no algorithm: a stage says which linears it wants, what to accumulate, and what to do with a group.
 
-With a `compute_dtype` (bfloat16 where the hardware multiplies it fast, see `compute_dtype`), the block's matrix
+With a `compute_dtype` (bfloat16 where the hardware multiplies it fast, see `calibration_dtype`), the block's matrix
 products in these passes run in it through autocast: weights and the residual stream stay in the model's dtype, and
 a stage's `process` (the algorithm) runs with autocast off.
 """
@@ -266,7 +266,7 @@ def _prefix(model: nn.Module, block: nn.Module) -> str:
     raise ValueError("block is not part of the model")
 
 
-def compute_dtype(setting: str, model: nn.Module, device: torch.device | str) -> torch.dtype | None:
+def calibration_dtype(setting: str, model: nn.Module, device: torch.device | str) -> torch.dtype | None:
     """The dtype the calibration passes multiply in for a recipe's `calibration.precision`, or None for the
     model's own. `auto` picks bfloat16 for a float32 model where bfloat16 products are much faster than float32 ones
     (CPUs with AMX, CUDA GPUs that support it) and the model's own dtype elsewhere, where bfloat16 would be slower."""

@@ -400,19 +400,19 @@ def test_hessian_under_bfloat16_autocast_is_a_float32_sum_of_rounded_inputs():
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the setting is put back
 
 
-def test_compute_dtype_resolution(monkeypatch):
-    from compressor.sequential import compute_dtype
+def test_calibration_dtype_resolution(monkeypatch):
+    from compressor.sequential import calibration_dtype
 
     model = tiny_model("llama")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert compute_dtype("auto", model, "cpu") is torch.bfloat16
-    assert compute_dtype("float32", model, "cpu") is None
-    assert compute_dtype("float16", model, "cpu") is torch.float16
+    assert calibration_dtype("auto", model, "cpu") is torch.bfloat16
+    assert calibration_dtype("float32", model, "cpu") is None
+    assert calibration_dtype("float16", model, "cpu") is torch.float16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # bfloat16 would be slower here
-    assert compute_dtype("auto", model, "cpu") is None
-    assert compute_dtype("bfloat16", model, "cpu") is torch.bfloat16
+    assert calibration_dtype("auto", model, "cpu") is None
+    assert calibration_dtype("bfloat16", model, "cpu") is torch.bfloat16
     half = tiny_model("llama").to(torch.bfloat16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert compute_dtype("auto", half, "cpu") is None  # already bfloat16: no autocast
+    assert calibration_dtype("auto", half, "cpu") is None  # already bfloat16: no autocast
     with pytest.raises(ValueError, match="calibration.precision"):
-        compute_dtype("bfloat16", model, "meta")
+        calibration_dtype("bfloat16", model, "meta")

@@ -26,7 +26,7 @@ class StageContext:
     calibration: torch.Tensor | None = None  # [samples, seq_len] token ids
     batch_size: int = 8
     device: str = "cpu"
-    compute_dtype: torch.dtype | None = None  # calibration passes multiply in it (compressor.sequential.compute_dtype)
+    compute_dtype: torch.dtype | None = None  # calibration passes multiply in it (sequential.calibration_dtype)
     teacher: nn.Module | None = None  # distill: the model before the stage the recipe names
     distill_windows: torch.Tensor | None = None  # distill: its own training text, when the recipe gives one
     checkpoint_dir: Path | None = None  # where layer-wise passes keep finished blocks (compressor.resume)
