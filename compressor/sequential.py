@@ -14,6 +14,8 @@ a forward pass per group; instead each operation of the block runs about once pe
 - a child whose output is its last linear's output (`self_attn` ends in o_proj, `mlp` in down_proj) is *replayed*
   once that linear is changed: its output is the changed linear applied to the input recorded while collecting the
   linear's statistics, so later passes and the pass that produces the next block's inputs skip the child's work.
+  Those inputs (down_proj's: 3-4x wider than the block inputs) are recorded only while they fit in the size of the
+  block inputs (TAIL_RECORDING_LIMIT); for the other batches the child runs again once its linear is changed.
 Recorded inputs stay valid only while a stage changes nothing but the group it is given; when it changes anything
 else in the block (AWQ folds scales into a norm), they are dropped and later passes run the whole block again.
 - a replayed child on a residual branch (the block adds its output to the block input and uses neither otherwise,
@@ -52,6 +54,11 @@ if TYPE_CHECKING:
     from .lazy import StreamedBlocks
 
 log = logging.getLogger(__name__)
+
+# Recorded inputs of a child's last linear take at most this many times the bytes of the block inputs: the runner's
+# activations stay near twice the block inputs (on an 8B Llama with 128 x 2048 windows, down_proj's inputs would be
+# 15 GB against 4.3 GB). Not applied where running the child again would mean running the block before it too.
+TAIL_RECORDING_LIMIT = 1.0
 
 
 class Accumulator(Protocol):
@@ -474,26 +481,44 @@ class _Resume:
 
 
 class _Rows:
-    """One tensor per batch ([..., features], the leading dims holding `counts[i]` rows), all in one allocation.
+    """One tensor per batch ([..., features], the leading dims holding `counts[i]` rows), all in one flat allocation.
     Tens of separate tensors of a few MB each fragment the heap (a freed one rarely fits the next), and the process
-    keeps the holes; one large allocation goes back to the system when freed."""
+    keeps the holes; one large allocation goes back to the system when freed.
 
-    def __init__(self, counts: list[int]) -> None:
+    With a `limit` (bytes), the allocation stops there: a batch that would end beyond it is not stored. Without one,
+    the allocation grows to hold every batch."""
+
+    def __init__(self, counts: list[int], limit: int | None = None) -> None:
         self.counts = counts
         self.starts = [sum(counts[:i]) for i in range(len(counts))]
+        self.limit = limit
         self.buffer: torch.Tensor | None = None
         self.shapes: list[torch.Size] = []
 
     def append(self, t: torch.Tensor) -> bool:
-        """Store the next batch's tensor; False when it does not fit the layout (then nothing is stored)."""
+        """Store the next batch's tensor; False when it does not fit the layout or the limit (then nothing is
+        stored)."""
         i = len(self.shapes)
         if i >= len(self.counts) or t.shape[:-1].numel() != self.counts[i]:
             return False
+        width = t.shape[-1]
+        end = (self.starts[i] + self.counts[i]) * width
         if self.buffer is None:
-            self.buffer = torch.empty(sum(self.counts), t.shape[-1], dtype=t.dtype, device=t.device)
-        elif (t.shape[-1], t.dtype, t.device) != (self.buffer.shape[1], self.buffer.dtype, self.buffer.device):
+            size = sum(self.counts) * width
+            if self.limit is not None:
+                size = min(size, self.limit // t.element_size())
+            if end > size:
+                return False
+            self.buffer = torch.empty(size, dtype=t.dtype, device=t.device)
+        elif (t.dtype, t.device) != (self.buffer.dtype, self.buffer.device) or (i and width != self.shapes[-1][-1]):
             return False
-        self.buffer[self.starts[i] : self.starts[i] + self.counts[i]].copy_(t.reshape(-1, t.shape[-1]))
+        if end > self.buffer.numel():
+            if self.limit is not None:
+                return False
+            grown = torch.empty(sum(self.counts) * width, dtype=self.buffer.dtype, device=self.buffer.device)
+            grown[: self.starts[i] * width].copy_(self.buffer[: self.starts[i] * width])
+            self.buffer = grown
+        self.buffer[self.starts[i] * width : end].copy_(t.reshape(-1))
         self.shapes.append(t.shape)
         return True
 
@@ -506,8 +531,7 @@ class _Rows:
     def __getitem__(self, i: int) -> torch.Tensor:
         assert self.buffer is not None
         width = self.shapes[i][-1]
-        flat = self.buffer.view(-1)[self.starts[i] * width : (self.starts[i] + self.counts[i]) * width]
-        return flat.view(self.shapes[i])
+        return self.buffer[self.starts[i] * width : (self.starts[i] + self.counts[i]) * width].view(self.shapes[i])
 
     def map_(self, fn: Any) -> None:
         """Replace every batch's tensor by fn(i, tensor), in place when the result is not wider (batch i's result
@@ -516,12 +540,11 @@ class _Rows:
         results = _Rows(self.counts)
         for i in range(len(self)):
             y = fn(i, self[i])
-            if y.shape[-1] > self.buffer.shape[1] or y.dtype != self.buffer.dtype:
+            if y.shape[-1] > self.shapes[i][-1] or y.dtype != self.buffer.dtype:
                 results.append(y)
                 continue
             width = y.shape[-1]
-            self.buffer.view(-1)[self.starts[i] * width : (self.starts[i] + self.counts[i]) * width].copy_(
-                y.reshape(-1))
+            self.buffer[self.starts[i] * width : (self.starts[i] + self.counts[i]) * width].copy_(y.reshape(-1))
             self.shapes[i] = y.shape
         if len(results):
             if len(results) != len(self):
@@ -639,7 +662,11 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
     is_tail = tail is not None and tail[0] == rel[0] and not spilled
     acc = stage.accumulator(first)
     calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []
-    tail_inputs = _Rows([h.shape[:-1].numel() for h in captured.hidden]) if is_tail else None
+    tail_inputs = None
+    if is_tail:  # bounded where running the child again costs only the child (the block reaches it cheaply)
+        limit = int(TAIL_RECORDING_LIMIT * sum(h.numel() * h.element_size() for h in captured.hidden))
+        tail_inputs = _Rows([h.shape[:-1].numel() for h in captured.hidden],
+                            limit=limit if state.reaches_cheaply(child_name) else None)
     fits = [True]
 
     def stop(mod, args):
@@ -695,15 +722,49 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
                                "other modules of the block: the block inputs it folded can no longer be recomputed")
         state.drop()
         return
-    if tail_inputs is not None and fits[0] and len(tail_inputs) == len(calls):
-        with torch.no_grad():
-            linear = block.get_submodule(rel[0])
-            tail_inputs.map_(lambda i, x: linear(x))  # the changed linear: the child's outputs from now on
-        state.replays[child_name] = _Replay(tail_inputs, tail[1])
-        if getattr(stage, "keeps_to_its_group", False):
-            _fold(block, child_name, captured, index, state)
+    if tail_inputs is not None and len(calls) == len(captured.hidden):
+        if _tail_outputs(block, rel[0], child_name, tail_inputs, captured, index, state.replays):
+            state.replays[child_name] = _Replay(tail_inputs, tail[1])
+            if getattr(stage, "keeps_to_its_group", False):
+                _fold(block, child_name, captured, index, state)
     elif calls and all(len(c) == 1 for c in calls):  # recorded (once per batch): the next group in the child resumes
         state.resume = _Resume(child_name, [c[0] for c in calls])
+
+
+def _tail_outputs(block: nn.Module, linear_name: str, child_name: str, rows: _Rows, captured: _Captured,
+                  index: int, replays: dict[str, Any]) -> bool:
+    """Turn `rows`, the inputs of the child's (changed) last linear recorded for the first batches, into the child's
+    outputs for every batch: the linear applied to the recorded inputs, and the child run again on the batches whose
+    inputs were beyond the recording limit. False when an output does not fit the layout (no replay then)."""
+    linear = block.get_submodule(linear_name)
+    child = block.get_submodule(child_name)
+    recorded = len(rows)
+    with torch.no_grad():
+        if recorded:
+            rows.map_(lambda i, x: linear(x))
+        rows.limit = None  # the outputs are narrower than the inputs (or get their own allocation)
+        if recorded == len(captured.hidden):
+            return True
+        out: list[torch.Tensor] = []
+
+        def grab(mod, args, result):
+            out.append(_output(result))
+            raise _Stop
+
+        handle = child.register_forward_hook(grab)
+        try:
+            with _replaying(block, replays) as cursor:
+                for i in range(recorded, len(captured.hidden)):
+                    cursor[0] = i
+                    try:
+                        block(captured.hidden[i], **captured.kwargs[index][i])
+                    except _Stop:
+                        pass
+                    if len(out) != 1 or not rows.append(out.pop()):
+                        return False
+        finally:
+            handle.remove()
+    return True
 
 
 def _fold(block: nn.Module, child: str, captured: _Captured, index: int, state: _BlockState) -> None:

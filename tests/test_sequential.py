@@ -184,11 +184,18 @@ def test_a_stage_that_changes_more_than_its_group_still_gets_true_inputs(family)
     assert len(checked) == 4 * model.config.num_hidden_layers
 
 
-def test_each_operation_of_a_block_runs_once_per_batch():
+@pytest.mark.parametrize("limit,again", [(100.0, 0), (1.0, 2)])
+def test_each_operation_of_a_block_runs_once_per_batch(limit, again, monkeypatch):
     """The cost of true-sequential calibration: replaying `self_attn` and `mlp` from their changed last linear, every
     linear layer (and so the attention between q/k/v and o) runs once per batch per block, plus one probe batch per
-    block layout, not once per group as plain re-runs of the block would."""
+    block layout, not once per group as plain re-runs of the block would. The exception is bounded memory: down_proj's
+    inputs (here twice as wide as the block inputs) are recorded only while they fit in the block inputs' size, one
+    batch of three here; gate/up run again on the `again` others to give the mlp's outputs."""
+    import compressor.sequential as seq
+
+    monkeypatch.setattr(seq, "TAIL_RECORDING_LIMIT", limit)
     model = tiny_model("llama")
+    assert model.config.intermediate_size == 2 * model.config.hidden_size
     ids = torch.randint(0, model.config.vocab_size, (6, 24))
     calls = {}
     for n, m in model.named_modules():
@@ -204,7 +211,7 @@ def test_each_operation_of_a_block_runs_once_per_batch():
     run_layerwise(model, ids, Halve(), batch_size=2)  # 3 batches
     probe = {n: 1 if ".layers.0." in n else 0 for n in calls}  # all blocks share block 0's layout
     for name, count in calls.items():
-        assert count - probe[name] == 3, (name, count)
+        assert count - probe[name] == 3 + (again if name.endswith(("gate_proj", "up_proj")) else 0), (name, count)
     assert len(calls) == 7 * model.config.num_hidden_layers  # lm_head: never run while calibrating
 
 
@@ -291,6 +298,61 @@ def test_folding_replayed_branches_into_the_block_inputs_is_exact(family, folds,
     assert len(real) == 7 * layers
     for name, got in rec.seen.items():
         assert torch.allclose(got, real[name], atol=1e-4), name
+
+
+@pytest.mark.parametrize("family,bounded", [("llama", True), ("gemma2", False)])
+def test_bounded_recording_of_down_proj_inputs_gives_the_same_model_within_the_bound(family, bounded, monkeypatch):
+    """Recording down_proj's inputs for only the batches that fit in the block inputs' size, and running the mlp again
+    for the others, must change nothing but memory: every group sees the same inputs and the model ends bit for bit
+    the same as with everything recorded; the recorded inputs never take more bytes than the block inputs. Gemma 2's
+    attention is not replayed (post-norms), so running the mlp again would mean running the attention too: there
+    everything is recorded, as before."""
+    import compressor.sequential as seq
+
+    limits, sizes = [], []
+
+    class Rows(seq._Rows):
+        def append(self, t):
+            stored = super().append(t)
+            if self.limit is not None and self.buffer is not None:
+                sizes.append((self.buffer.numel() * self.buffer.element_size(), self.limit))
+            return stored
+
+    def tail_outputs(block, linear_name, child_name, rows, *args):
+        limits.append(rows.limit)
+        return outputs(block, linear_name, child_name, rows, *args)
+
+    outputs = seq._tail_outputs
+    monkeypatch.setattr(seq, "_tail_outputs", tail_outputs)
+    monkeypatch.setattr(seq, "_Rows", Rows)
+    ids = torch.randint(0, 384, (5, 24), generator=torch.Generator().manual_seed(0))
+
+    class LocalScale(ScaleEachGroup):
+        keeps_to_its_group = True
+
+    results = {}
+    for limit in (100.0, 1.0):
+        monkeypatch.setattr(seq, "TAIL_RECORDING_LIMIT", limit)
+        limits.clear()
+        sizes.clear()
+        model = tiny_model(family)
+        rec = LocalScale()
+        run_layerwise(model, ids, rec, batch_size=2)
+        results[limit] = (rec.seen, model.state_dict())
+    (seen_all, state_all), (seen, state) = results[100.0], results[1.0]
+    assert seen.keys() == seen_all.keys()
+    for name in seen:
+        assert torch.equal(seen[name], seen_all[name]), name
+    for k in state:
+        assert torch.equal(state[k], state_all[k]), k
+    # the last run (limit 1.0): one bounded tail per block (mlp; self_attn's o_proj inputs are as wide as the block's)
+    block_inputs = 5 * 24 * model.config.hidden_size * 4
+    layers = model.config.num_hidden_layers
+    if bounded:
+        assert len([x for x in limits if x is not None]) == 2 * layers and set(limits) == {block_inputs}
+        assert sizes and all(size <= block_inputs for size, _ in sizes)
+    else:
+        assert limits == [None] * layers and not sizes
 
 
 def test_a_block_that_does_more_than_add_its_folded_branches_is_still_run(monkeypatch):
