@@ -22,7 +22,7 @@ from .algorithms.bit_allocation import AllocationError, allocate
 from .algorithms.sensitivity import predicted_kl
 from .quant.tensor import quantize_rtn
 from .recipe import QuantizeConfig
-from .sequential import HessianAccumulator
+from .sequential import HessianAccumulator, computing_in
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,10 @@ class _Stats:
 
 
 def sensitivity_statistics(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
-                           batch_size: int = 8, device: str = "cpu",
-                           seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (E[x x^T] of its input, Fisher diagonal of its output)} from one forward/backward pass per batch."""
+                           batch_size: int = 8, device: str = "cpu", seed: int = 0,
+                           compute_dtype: torch.dtype | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (E[x x^T] of its input, Fisher diagonal of its output)} from one forward/backward pass per batch; with
+    `compute_dtype`, the forward pass (and so the backward) multiplies in it (calibration.precision)."""
     stats: dict[str, _Stats] = {}
     last: list = [None, None]  # (input tensor, layer) of the previous call: q/k/v and gate/up read one tensor
     alias: dict[str, str] = {}  # such a layer -> the first of its group, which holds the shared second moment
@@ -118,7 +119,8 @@ def sensitivity_statistics(model: nn.Module, targets: dict[str, nn.Linear], wind
         with torch.enable_grad():
             for i, batch in enumerate(batches):
                 last[0] = last[1] = None
-                logits = model(input_ids=batch.to(device), use_cache=False).logits.float()
+                with computing_in(device, compute_dtype):
+                    logits = model(input_ids=batch.to(device), use_cache=False).logits.float()
                 flat = logits.reshape(-1, logits.shape[-1])
                 with torch.no_grad():
                     labels = torch.multinomial(F.softmax(flat, -1), 1, generator=generator).squeeze(1)
@@ -138,14 +140,14 @@ def sensitivity_statistics(model: nn.Module, targets: dict[str, nn.Linear], wind
 
 
 def plan_widths(model: nn.Module, targets: dict[str, nn.Linear], cfg: QuantizeConfig, windows: torch.Tensor,
-                batch_size: int = 8, device: str = "cpu") -> list[dict]:
+                batch_size: int = 8, device: str = "cpu", compute_dtype: torch.dtype | None = None) -> list[dict]:
     """One row per layer: its chosen (bits, group_size) and the predicted KL at every allowed width."""
     mixed = cfg.mixed
     widths = mixed.widths(cfg.group_size)
     shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
     check_target(shapes, cfg)
     samples = windows if mixed.samples is None else windows[: mixed.samples]
-    stats = sensitivity_statistics(model, targets, samples, batch_size, device)
+    stats = sensitivity_statistics(model, targets, samples, batch_size, device, compute_dtype=compute_dtype)
     names = list(targets)
     errors, costs = [], []
     start = time.perf_counter()

@@ -673,7 +673,7 @@ def _export_as_is(target: Any, name: str, work: Path, model: torch.nn.Module, to
             if "imatrix" not in stats:
                 from .activation_stats import mean_squared_inputs
 
-                stats["imatrix"] = mean_squared_inputs(model, calib, ctx.batch_size, ctx.device)
+                stats["imatrix"] = mean_squared_inputs(model, calib, ctx.batch_size, ctx.device, ctx.compute_dtype)
             imatrix = stats["imatrix"]
         source_gguf = Path(source.path) / source.gguf_file if source.gguf_file and source.kind != "hub" else None
         with atomic_dir(work / name) as tmp:

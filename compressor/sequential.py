@@ -218,7 +218,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, stage: LayerwiseStage
     start = time.perf_counter()
     known: dict[tuple[str, ...], _Layout] = {}  # blocks of one layout share their input groups
     for index, block in enumerate(layers):
-        with _computing_in(device, compute_dtype):
+        with computing_in(device, compute_dtype):
             prefix = _prefix(model, block)
             if stream is not None:
                 stream.load(index, block)
@@ -294,7 +294,8 @@ def calibration_dtype(setting: str, model: nn.Module, device: torch.device | str
 
 
 @contextmanager
-def _computing_in(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
+def computing_in(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
+    """Matrix products in `dtype` (autocast) for a calibration pass; None: the model's own dtype."""
     if dtype is None:
         yield
         return

@@ -95,6 +95,25 @@ def test_sensitivity_statistics_share_one_second_moment_per_input():
     assert all(p.requires_grad and p.grad is None for p in model.parameters())  # left as it was: no weight grads
 
 
+def test_sensitivity_statistics_from_bfloat16_passes_stay_close_to_float32():
+    """calibration.precision bfloat16 reaches the sensitivity pass: forward and backward multiply in bfloat16, the
+    statistics stay float32 and close to the float32 pass's, and the model is left as it was."""
+    model = tiny_model("llama")
+    targets = select_linears(model, QuantizeConfig(bits=4, group_size=32))
+    ids = _windows(0, 8)
+    ref = sensitivity_statistics(model, targets, ids, batch_size=2)
+    got = sensitivity_statistics(model, targets, ids, batch_size=2, compute_dtype=torch.bfloat16)
+    moved = []
+    for name, (h, f) in ref.items():
+        gh, gf = got[name]
+        assert gh.dtype == gf.dtype == torch.float32
+        moved.append(((gh - h).norm() / h.norm()).item())
+        assert moved[-1] < 0.03, name  # measured: up to 1e-2 (inputs rounded to 8 bits of mantissa)
+        assert ((gf - f).norm() / f.norm()).item() < 0.1, name  # measured: up to 3.6e-2
+    assert max(moved) > 0  # the pass did run in bfloat16
+    assert all(p.dtype == torch.float32 and p.requires_grad and p.grad is None for p in model.parameters())
+
+
 def test_predicted_kl_follows_the_measured_kl_of_quantizing_one_layer():
     """The second-order prediction ranks layers like the KL measured by quantizing each alone, and is of the same
     size (the statistics and the measurement use different windows of the same distribution)."""

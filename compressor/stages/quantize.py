@@ -71,7 +71,8 @@ def apply_quantize(cfg: QuantizeConfig, model: nn.Module, ctx: StageContext) -> 
     if cfg.mixed is not None:
         if ctx.calibration is None:
             raise ValueError("mixed precision needs calibration windows")
-        plan = {r["name"]: r for r in plan_widths(model, targets, cfg, ctx.calibration, ctx.batch_size, ctx.device)}
+        plan = {r["name"]: r for r in plan_widths(model, targets, cfg, ctx.calibration, ctx.batch_size, ctx.device,
+                                                  ctx.compute_dtype)}
         widths = {name: (r["bits"], r["group_size"]) for name, r in plan.items()}
         report.summary["mixed"] = plan_summary(list(plan.values()), cfg)
     if cfg.method == "awq":
