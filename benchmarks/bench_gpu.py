@@ -74,7 +74,8 @@ def main() -> int:
         if triton_available():  # every candidate's time per tuned (batch bucket, shape): why a configuration won
             from compressor.kernels.triton_qmm import TUNING_LOG
 
-            results["tuning"] = {str(k): [(str(c), us) for c, us in v[:8]] for k, v in TUNING_LOG.items()}
+            results["tuning"] = {str(k): [(str(c), us) for c, us in v[:8]]  # and the CUDA C++ kernel's best
+                                 + [(str(c), us) for c, us in v[8:] if c.mma][:1] for k, v in TUNING_LOG.items()}
         out_file.write_text(json.dumps(results, indent=2, default=str))
 
     sections = args.sections.split(",")
@@ -218,12 +219,16 @@ def kernels(torch, cuda, results, deadline, store) -> None:
                                                        torch.float16), [])
                     for variant, gemv, two in (("gemv_half2_us", True, True), ("gemv_fp32_us", True, False),
                                                ("mma_half2_us", False, True), ("mma_fp16_us", False, False)):
-                        row[variant] = min((us for c, us in tried if c.gemv == gemv and c.one_dot
+                        row[variant] = min((us for c, us in tried if c.gemv == gemv and c.one_dot and not c.mma
                                             and triton_qmm.half2_applies(c, bits, torch.float16) == two),
                                            default=None)
+                    # The CUDA C++ kernel (cuda_qmm.py) against the best Triton kernel, in the same tuning.
+                    row["cuda_us"] = min((us for c, us in tried if c.mma), default=None)
+                    row["triton_us"] = min((us for c, us in tried if not c.mma), default=None)
                     rows.append(row)
                     log(f"W{bits} k{k} n{n} m{m}: fp16 {t_fp16:.1f} us, ours {t_ours:.1f} us "
-                        f"({row['speedup']:.2f}x, {gbps:.0f} GB/s), err {err:.1e}, {cfg}; best in tuning: GEMV "
+                        f"({row['speedup']:.2f}x, {gbps:.0f} GB/s), err {err:.1e}, {cfg}; best in tuning: CUDA C++ "
+                        f"{row['cuda_us']} us, Triton {row['triton_us']} us; GEMV "
                         f"two codes per instruction {row['gemv_half2_us']} us, one {row['gemv_fp32_us']} us; "
                         f"tensor cores two {row['mma_half2_us']} us, one {row['mma_fp16_us']} us")
                 del w16s, kw, kws, wq
@@ -473,6 +478,12 @@ def summary(results: dict) -> str:
                     geo = math.exp(sum(math.log(s) for s in sp) / len(sp))
                     lines.append(f"- W{bits} batch {m}: speedup geomean {geo:.2f}x, min {min(sp):.2f}x, "
                                  f"max {max(sp):.2f}x over {len(sp)} shapes")
+                pairs = [(r["triton_us"], r["cuda_us"]) for r in k["rows"] if r["bits"] == bits and r["m"] == m
+                         and r.get("cuda_us") and r.get("triton_us")]
+                if pairs:
+                    geo = math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs))
+                    lines.append(f"  - CUDA C++ kernel against the best Triton kernel (best of each in tuning): "
+                                 f"{geo:.2f}x geomean over {len(pairs)} shapes")
                 for kind, one, two in (("GEMV", "gemv_fp32_us", "gemv_half2_us"),
                                        ("tensor-core kernel", "mma_fp16_us", "mma_half2_us")):
                     pairs = [(r[one], r[two]) for r in k["rows"] if r["bits"] == bits and r["m"] == m

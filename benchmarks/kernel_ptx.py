@@ -4,9 +4,12 @@ ptxas) and count its PTX instructions per weight: what bounds the kernel before 
 
     python benchmarks/kernel_ptx.py [--arch 90] [--bits 4] [--block-n 64] [--warps 4] [--stages 3] [--slabs]
     python benchmarks/kernel_ptx.py --gemv [--fp32] [--bits 4] [--block-n 32] [--warps 2]
+    python benchmarks/kernel_ptx.py --mma [--bf16] [--block-m 8] [--warps 4] [--stages 2]   # the CUDA C++ kernel
 
-Disassembles the cubin with Triton's bundled cuobjdump and prints the machine (SASS) instructions of the loop over
-tiles per weight of a thread, the most frequent ones and the registers; keeps the PTX and SASS in benchmarks/out/ptx/.
+The CUDA C++ kernel (--mma, compressor/kernels/qmm_mma.cu) is compiled by NVRTC instead, which needs the NVRTC
+library (pip install nvidia-cuda-nvrtc). Disassembles the cubin with Triton's bundled cuobjdump and prints the machine
+(SASS) instructions of the loop over tiles per weight of a thread, the most frequent ones and the registers; keeps
+the PTX and SASS in benchmarks/out/ptx/.
 """
 from __future__ import annotations
 
@@ -32,8 +35,12 @@ def main() -> int:
     ap.add_argument("--gemv", action="store_true", help="the CUDA-core kernel for one activation row")
     ap.add_argument("--fp32", action="store_true", help="one code per instruction (the GEMV in float32)")
     ap.add_argument("--group", type=int, default=128, help="--gemv: rows per group (sets how often scales load)")
+    ap.add_argument("--mma", action="store_true", help="the CUDA C++ tensor-core kernel (cuda_qmm.py)")
+    ap.add_argument("--bf16", action="store_true", help="--mma: bfloat16 activations")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "ptx")
     args = ap.parse_args()
+    if args.mma:
+        return count_mma(args)
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
@@ -78,6 +85,23 @@ def main() -> int:
     return count_sass(kernel, name, weights, args.out)
 
 
+def count_mma(args: argparse.Namespace) -> int:
+    import torch
+
+    from compressor.kernels import cuda_qmm, nvrtc
+
+    rows = 8 if args.block_m <= 8 else 16
+    d = cuda_qmm.defines(torch.bfloat16 if args.bf16 else torch.float16, rows, args.warps, args.group // 32, False,
+                         args.stages > 1)
+    cubin, log = nvrtc.compile_cubin(cuda_qmm.SOURCE.read_text(), "qmm_mma", args.arch, d, verbose=True)
+    print(" ".join(re.sub(r"^ptxas\s+(info\s+:|\.)\s*", "", ln) for ln in log.splitlines()
+                   if "Used" in ln or "spill" in ln))
+    name = f"mma_sm{args.arch}_{'bf16' if args.bf16 else 'fp16'}_m{rows}w{args.warps}s{args.stages}_g{args.group}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    # The loop body computes two tiles (ping-pong buffers): 2 x 8 steps x 1024 weights per warp (x2 at 16 rows).
+    return count_sass(type("K", (), {"asm": {"cubin": cubin}})(), name, 2 * 8 * 1024 / 32, args.out)
+
+
 def count_sass(kernel, name: str, weights: float, out: Path) -> int:
     """Disassemble the cubin with Triton's bundled cuobjdump; count the loop over tiles per weight of a thread."""
     import subprocess
@@ -92,18 +116,19 @@ def count_sass(kernel, name: str, weights: float, out: Path) -> int:
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
     (out / f"{name}.sass").write_text(sass)
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
-    labels = {int(m.group(1), 16): i for i, ln in enumerate(lines) if (m := re.match(r"\s+/\*([0-9a-f]{4})\*/", ln))}
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    labels = {int(m.group(1), 16): i for i, ln in enumerate(lines)
+              if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/", ln))}
     loop = None
-    for i, ln in enumerate(lines):  # the loop over tiles: the first backward branch, from its target to itself
+    for i, ln in enumerate(lines):  # the loop over tiles: the longest backward branch, from its target to itself
         m = re.search(r"BRA 0x([0-9a-f]+)", ln)
         if m and int(m.group(1), 16) in labels and labels[int(m.group(1), 16)] < i:
-            loop = lines[labels[int(m.group(1), 16)]:i + 1]
-            break
+            body = lines[labels[int(m.group(1), 16)]:i + 1]
+            loop = body if loop is None or len(body) > len(loop) else loop
     if loop is None:
         print(f"{name}: no backward branch found; SASS kept in {out / (name + '.sass')}")
         return 1
-    ops = Counter(re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", ln).split(" ")[0].split(".")[0]
+    ops = Counter(re.sub(r"^\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?", "", ln).split(" ")[0].split(".")[0]
                   for ln in loop)
     resources = " ".join(re.findall(r"(?:REG|STACK|LOCAL|SHARED):\d+", usage))
     print(f"{name}: loop over tiles {len(loop)} SASS instructions for {weights:.0f} weights per thread: "

@@ -125,10 +125,18 @@ def test_tuning_picks_a_default_without_a_gpu():
         assert timed and all(us > 0 for _, us in timed)
     else:
         assert triton_qmm.tuned_config(1, kw, torch.float16) == triton_qmm.default_config(1)
-    assert all(c.gemv for c in triton_qmm.candidates(1))  # one row: the CUDA cores, no padding to 16 rows
-    assert {c.gemv for c in triton_qmm.candidates(4)} == {True, False}
-    assert not any(c.gemv for c in triton_qmm.candidates(16))
-    assert min(c.block_m for c in triton_qmm.candidates(64)) >= 32
+    triton = (lambda m, **kw: [c for c in triton_qmm.candidates(m, **kw) if not c.mma])  # noqa: E731
+    cuda = (lambda m, **kw: [c for c in triton_qmm.candidates(m, **kw) if c.mma])  # noqa: E731
+    assert all(c.gemv for c in triton(1))  # one row: the CUDA cores, no padding to 16 rows
+    assert {c.gemv for c in triton(4)} == {True, False}
+    assert not any(c.gemv for c in triton(16))
+    assert min(c.block_m for c in triton(64)) >= 32
+    # The CUDA C++ kernel: 8 rows per block up to a batch of 8 (nothing padded at decode), 16 beyond, up to 64 rows;
+    # 4-bit weights and 16-bit activations only.
+    assert {c.block_m for c in cuda(1)} == {c.block_m for c in cuda(8)} == {8}
+    assert {c.block_m for c in cuda(16)} == {c.block_m for c in cuda(64)} == {16}
+    assert not cuda(128) and not cuda(1, bits=8) and not cuda(1, dtype=torch.float32)
+    assert cuda(1, dtype=torch.bfloat16)
 
 
 def test_dispatch_falls_back_to_the_reference_without_triton_or_cuda(monkeypatch):

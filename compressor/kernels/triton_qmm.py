@@ -7,7 +7,8 @@ operations alone (no integer-to-float conversion), then ``(q - z) * s`` exactly 
 Split-K spreads the input dimension over programs when the output is too narrow to fill the GPU; partial sums are
 added atomically into an fp32 buffer. Which block shape, split and warp count is fastest depends on the card and the
 shape, so `tuned_config` measures the candidates once per (batch bucket, shape) on the device, inside a CUDA graph
-with the weights cold in L2 (compressor.kernels.timing): as a decode step runs them.
+with the weights cold in L2 (compressor.kernels.timing): as a decode step runs them. The candidates include the CUDA
+C++ tensor-core kernel of cuda_qmm.py for 4-bit weights, which reads the same packed weights.
 
 Importing this module needs Triton; kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .layout import SUB, KernelWeight
+from .layout import SUB, KernelWeight, UnsupportedLayout
 
 log = logging.getLogger(__name__)
 
@@ -402,8 +403,12 @@ class Config:
     one_dot: bool = True  # one product per tile (False: one per 32-row slab, the scale applied after it)
     gemv: bool = False  # one activation row per program on the CUDA cores (block_m, one_dot unused)
     half2: bool = True  # 4-bit codes and float16 activations: two weights per dequantizing instruction
+    mma: bool = False  # the CUDA C++ kernel (cuda_qmm.py): block_m activation rows per block (8 or 16), num_warps,
+    # split_k; num_stages 2: the next tile's weights requested before this one is computed
 
     def __str__(self) -> str:
+        if self.mma:
+            return f"mma-m{self.block_m}k{self.split_k}w{self.num_warps}" + ("" if self.num_stages > 1 else "-s1")
         if self.gemv:
             return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + ("" if self.half2 else "-fp32")
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
@@ -424,6 +429,15 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     split = min(cfg.split_k, tiles)
     per_split = -(-tiles // split)
     split = -(-tiles // per_split)
+    if cfg.mma:
+        from . import cuda_qmm
+
+        if not cuda_qmm.applies(kw, x.dtype):
+            raise UnsupportedLayout(f"{cfg}: the CUDA C++ kernel takes 4-bit weights, float16/bfloat16 activations "
+                                    "and a multiple of 8 output columns, on a GPU of compute capability 8.0 or newer")
+        return cuda_qmm.quant_matmul(x2, kw, bias, split=split, per_split=per_split, warps=cfg.num_warps,
+                                     rows_per_block=cfg.block_m, prefetch=cfg.num_stages > 1,
+                                     workspace=lambda sums, blocks: _workspace(x.device, sums, blocks)).view(*lead, n)
     if cfg.gemv:
         return _gemv(x2, kw, bias, cfg, split, per_split).view(*lead, n)
     atomic = split > 1
@@ -510,12 +524,18 @@ def _magic(bits: int, dtype: torch.dtype) -> tuple[int, float]:
 
 
 GEMV_ROWS = 4  # up to this many activation rows, the CUDA-core kernel is a candidate (it unpacks once per row)
+MMA_ROWS = 64  # up to this many, the CUDA C++ kernel (it unpacks the weights once per 16 rows)
 
 
 def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> list[Config]:
     """Configurations worth timing for a batch of `m` rows: the CUDA-core kernel for one row, both kernels up to
     GEMV_ROWS, the tensor-core kernel (at least 16 rows per tile) beyond."""
     out: list[Config] = []
+    if bits == 4 and dtype in (torch.float16, torch.bfloat16) and m <= MMA_ROWS:
+        # The CUDA C++ kernel (where it applies: tune skips it elsewhere), 8 or 16 activation rows per block.
+        rows = 8 if m <= 8 else 16
+        out += [Config(rows, 32, split, warps, 2, mma=True) for warps in (4, 8) for split in (1, 2, 4, 8, 16)]
+        out += [Config(rows, 32, split, 4, 1, mma=True) for split in (1, 4)]
     if m <= GEMV_ROWS:
         # block columns x warps (8 to 32 partial sums per thread and slab) x split
         for bn, warps in ((16, 1), (32, 2), (64, 2), (64, 4), (128, 4)):
