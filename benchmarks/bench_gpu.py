@@ -80,6 +80,8 @@ def main() -> int:
 
     sections = args.sections.split(",")
     deadline = START + args.budget_s
+    if cuda:
+        results["cuda_kernel_canary"] = cuda_kernel_canary()
     for name, fn in (("ceilings", ceilings), ("kernels", kernels), ("sparse", sparse), ("decode", decode)):
         if name not in sections:
             continue
@@ -101,6 +103,45 @@ def main() -> int:
     (args.out / "gpu_summary.md").write_text(summary(results))
     log(f"wrote {out_file}")
     return 0
+
+
+CANARY = """
+import torch
+from compressor.kernels import pack_for_kernel, reference, triton_qmm
+from compressor.quant.tensor import quantize_rtn
+worst = 0.0
+for dtype in (torch.float16, torch.bfloat16):
+    for m, gs, split in ((1, 128, 1), (1, 128, 4), (13, 32, 3), (40, -1, 2)):
+        qt = quantize_rtn(torch.randn(1024, 2048), 4, gs, symmetric=False)
+        kw = pack_for_kernel(qt, dtype).to("cuda")
+        x = torch.randn(m, 2048, device="cuda", dtype=dtype)
+        cfg = triton_qmm.Config(8 if m <= 8 else 16, 32, split, 4, 2, mma=True)
+        y = triton_qmm.quant_matmul(x, kw, config=cfg)
+        exact = x.double() @ reference.dequantize(kw).double()
+        worst = max(worst, float((y.double() - exact).norm() / exact.norm()))
+torch.cuda.synchronize()
+print("worst relative error", worst)
+assert worst < 1.5e-2, worst
+"""
+
+
+def cuda_kernel_canary() -> dict:
+    """Run the CUDA C++ kernel once in a child process: a fault there (a sticky CUDA error would end this process's
+    use of the GPU) or a wrong result turns its candidates off here (COMPRESSOR_CUDA_KERNELS=0) instead of costing
+    the run."""
+    import subprocess
+
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-c", CANARY], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        ok, tail = p.returncode == 0, (p.stdout + p.stderr)[-1500:]
+    except subprocess.TimeoutExpired:
+        ok, tail = False, "timed out after 120 s"
+    if not ok:
+        os.environ["COMPRESSOR_CUDA_KERNELS"] = "0"
+    log(f"CUDA C++ kernel canary: {'passed' if ok else 'FAILED, its candidates are off'} "
+        f"({time.perf_counter() - t:.1f} s): {tail.strip().splitlines()[-1] if tail.strip() else ''}")
+    return {"passed": ok, "output": tail, "seconds": round(time.perf_counter() - t, 1)}
 
 
 def env(torch, cuda: bool) -> dict:

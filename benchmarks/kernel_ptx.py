@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=128, help="--gemv: rows per group (sets how often scales load)")
     ap.add_argument("--mma", action="store_true", help="the CUDA C++ tensor-core kernel (cuda_qmm.py)")
     ap.add_argument("--bf16", action="store_true", help="--mma: bfloat16 activations")
+    ap.add_argument("--min-blocks", type=int, default=1, help="--mma: blocks per multiprocessor (register cap)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "ptx")
     args = ap.parse_args()
     if args.mma:
@@ -92,11 +93,12 @@ def count_mma(args: argparse.Namespace) -> int:
 
     rows = 8 if args.block_m <= 8 else 16
     d = cuda_qmm.defines(torch.bfloat16 if args.bf16 else torch.float16, rows, args.warps, args.group // 32, False,
-                         args.stages > 1)
+                         args.stages > 1, args.min_blocks)
     cubin, log = nvrtc.compile_cubin(cuda_qmm.SOURCE.read_text(), "qmm_mma", args.arch, d, verbose=True)
     print(" ".join(re.sub(r"^ptxas\s+(info\s+:|\.)\s*", "", ln) for ln in log.splitlines()
                    if "Used" in ln or "spill" in ln))
-    name = f"mma_sm{args.arch}_{'bf16' if args.bf16 else 'fp16'}_m{rows}w{args.warps}s{args.stages}_g{args.group}"
+    name = (f"mma_sm{args.arch}_{'bf16' if args.bf16 else 'fp16'}_m{rows}w{args.warps}s{args.stages}"
+            f"b{args.min_blocks}_g{args.group}")
     args.out.mkdir(parents=True, exist_ok=True)
     # The loop body computes two tiles (ping-pong buffers): 2 x 8 steps x 1024 weights per warp (x2 at 16 rows).
     return count_sass(type("K", (), {"asm": {"cubin": cubin}})(), name, 2 * 8 * 1024 / 32, args.out)

@@ -30,10 +30,12 @@ def nvrtc_available() -> bool:
     return nvrtc.available()
 
 
-VARIANTS = [dict(BF16=bf16, MT=mt, WARPS=warps, GSLABS=gs, HAS_PERM=perm, PREFETCH=pf)
+VARIANTS = [dict(BF16=bf16, MT=mt, WARPS=warps, GSLABS=gs, HAS_PERM=perm, PREFETCH=pf, MINB=1)
             for bf16, mt, warps, gs, perm, pf in [(0, 1, 4, 4, 0, 1), (1, 1, 8, 4, 0, 1), (0, 2, 4, 0, 1, 1),
                                                   (1, 2, 8, 2, 1, 0), (0, 1, 4, 1, 0, 0), (0, 1, 4, 3, 0, 1),
                                                   (1, 1, 4, 12, 0, 1), (0, 2, 8, 16, 0, 1)]]
+# 128 registers (16 warps resident) fit the decode case, groups of 128 rows: it must not spill there.
+VARIANTS += [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4) for bf16 in (0, 1)]
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="no NVRTC library (pip install nvidia-cuda-nvrtc)")

@@ -38,9 +38,10 @@ def group_slabs(kw: KernelWeight) -> int:
     return 0 if kw.group_size >= kw.in_features else kw.group_size // SUB
 
 
-def defines(dtype: torch.dtype, rows_per_block: int, warps: int, gslabs: int, perm: bool, prefetch: bool) -> dict:
+def defines(dtype: torch.dtype, rows_per_block: int, warps: int, gslabs: int, perm: bool, prefetch: bool,
+            min_blocks: int = 1) -> dict:
     return {"BF16": dtype == torch.bfloat16, "MT": rows_per_block // 8, "WARPS": warps, "GSLABS": gslabs,
-            "HAS_PERM": perm, "PREFETCH": prefetch}
+            "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks}
 
 
 @lru_cache(maxsize=None)
@@ -65,7 +66,7 @@ def shared_bytes(m: int, tiles_per_split: int, rows_per_block: int, warps: int) 
 
 
 def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, *, split: int, per_split: int,
-                 warps: int, rows_per_block: int, prefetch: bool, workspace) -> torch.Tensor:
+                 warps: int, rows_per_block: int, prefetch: bool, workspace, min_blocks: int = 1) -> torch.Tensor:
     """``x2 [m, in] @ dequant(W) (+ bias)``; `split` blocks over the input of `per_split` tiles each (the caller
     clamps them to the shape); `workspace(sums, counters)` gives zeroed float32 sums and int32 counters that the
     kernel leaves zeroed."""
@@ -78,7 +79,7 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
     if smem > _shared_limit(dev.index or 0):
         raise ValueError(f"{smem} bytes of shared memory: more than the device allows (split the input further)")
     key = tuple(sorted(defines(x2.dtype, rows_per_block, warps, group_slabs(kw), kw.perm is not None,
-                               prefetch).items()))
+                               prefetch, min_blocks).items()))
     kernel = _kernel(dev.index if dev.index is not None else torch.cuda.current_device(), key)
     out = torch.empty(m, n, dtype=x2.dtype, device=dev)
     col_blocks, m_blocks = -(-n // BLOCK_COLUMNS), -(-m // rows_per_block)

@@ -7,6 +7,8 @@
 //   GSLABS    rows per group / 32 (0: one group over the whole input)
 //   HAS_PERM  1: packed row k reads activation column perm[k] (activation order)
 //   PREFETCH  1: the next tile's weight words are requested before this tile is computed
+//   MINB      blocks per multiprocessor the compiler must leave registers for (1: as many registers as it likes;
+//             4 with 4 warps: at most 128 per thread, 16 warps resident, which may spill)
 // No header is included: the 16-bit floats live in 32-bit registers as pairs and all their arithmetic is PTX.
 //
 // Weight layout (layout.py): qweight is int32 [tiles * 32, N]; word (tile T, packed row r, column n) holds the codes
@@ -191,7 +193,7 @@ __device__ __forceinline__ void tile_scales(unsigned (&sc)[4][4], unsigned (&zc)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 qmm_mma(const unsigned short* __restrict__ x, const unsigned* __restrict__ w, const unsigned short* __restrict__ s,
         const unsigned short* __restrict__ z, const int* __restrict__ perm, const unsigned short* __restrict__ bias,
         unsigned short* __restrict__ out, float* __restrict__ ws, int* __restrict__ count, int M, int N, int K,

@@ -405,10 +405,12 @@ class Config:
     half2: bool = True  # 4-bit codes and float16 activations: two weights per dequantizing instruction
     mma: bool = False  # the CUDA C++ kernel (cuda_qmm.py): block_m activation rows per block (8 or 16), num_warps,
     # split_k; num_stages 2: the next tile's weights requested before this one is computed
+    min_blocks: int = 1  # mma: blocks per multiprocessor the compiler leaves registers for
 
     def __str__(self) -> str:
         if self.mma:
-            return f"mma-m{self.block_m}k{self.split_k}w{self.num_warps}" + ("" if self.num_stages > 1 else "-s1")
+            return (f"mma-m{self.block_m}k{self.split_k}w{self.num_warps}" + ("" if self.num_stages > 1 else "-s1")
+                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
         if self.gemv:
             return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + ("" if self.half2 else "-fp32")
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
@@ -437,7 +439,8 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
                                     "and a multiple of 8 output columns, on a GPU of compute capability 8.0 or newer")
         return cuda_qmm.quant_matmul(x2, kw, bias, split=split, per_split=per_split, warps=cfg.num_warps,
                                      rows_per_block=cfg.block_m, prefetch=cfg.num_stages > 1,
-                                     workspace=lambda sums, blocks: _workspace(x.device, sums, blocks)).view(*lead, n)
+                                     workspace=lambda sums, blocks: _workspace(x.device, sums, blocks),
+                                     min_blocks=cfg.min_blocks).view(*lead, n)
     if cfg.gemv:
         return _gemv(x2, kw, bias, cfg, split, per_split).view(*lead, n)
     atomic = split > 1
@@ -531,10 +534,13 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
     """Configurations worth timing for a batch of `m` rows: the CUDA-core kernel for one row, both kernels up to
     GEMV_ROWS, the tensor-core kernel (at least 16 rows per tile) beyond."""
     out: list[Config] = []
-    if bits == 4 and dtype in (torch.float16, torch.bfloat16) and m <= MMA_ROWS:
+    if (bits == 4 and dtype in (torch.float16, torch.bfloat16) and m <= MMA_ROWS
+            and os.environ.get("COMPRESSOR_CUDA_KERNELS", "1") != "0"):
         # The CUDA C++ kernel (where it applies: tune skips it elsewhere), 8 or 16 activation rows per block.
         rows = 8 if m <= 8 else 16
-        out += [Config(rows, 32, split, warps, 2, mma=True) for warps in (4, 8) for split in (1, 2, 4, 8, 16)]
+        splits = (1, 2, 4, 8, 16)
+        out += [Config(rows, 32, split, warps, 2, mma=True) for warps in (4, 8) for split in splits]
+        out += [Config(rows, 32, split, 4, 2, mma=True, min_blocks=4) for split in splits]  # 16 warps resident
         out += [Config(rows, 32, split, 4, 1, mma=True) for split in (1, 4)]
     if m <= GEMV_ROWS:
         # block columns x warps (8 to 32 partial sums per thread and slab) x split
