@@ -123,6 +123,23 @@ torch.cuda.synchronize()
 print("worst relative error", worst)
 assert worst < 1.5e-2, worst
 """
+# A programmatic dependent launch, eagerly and captured in a CUDA graph, after the plain launches passed.
+CANARY_PDL = CANARY.split("worst = 0.0")[0] + """
+qt = quantize_rtn(torch.randn(1024, 2048), 4, 128, symmetric=False)
+kw = pack_for_kernel(qt, torch.float16).to("cuda")
+x = torch.randn(1, 2048, device="cuda", dtype=torch.float16)
+cfg = triton_qmm.Config(8, 32, 4, 4, 2, mma=True, pdl=True)
+want = reference.quant_matmul(x, kw).float()
+y = triton_qmm.quant_matmul(x, kw, config=cfg)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    z = triton_qmm.quant_matmul(x, kw, config=cfg)
+graph.replay()
+torch.cuda.synchronize()
+err = max(float((v.float() - want).norm() / want.norm()) for v in (y, z))
+print("programmatic dependent launch: relative error", err)
+assert err < 2e-3, err
+"""
 
 
 def cuda_kernel_canary() -> dict:
@@ -131,17 +148,30 @@ def cuda_kernel_canary() -> dict:
     the run."""
     import subprocess
 
+    def child(code: str) -> tuple[bool, str]:
+        try:
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+            return p.returncode == 0, (p.stdout + p.stderr)[-1500:]
+        except subprocess.TimeoutExpired:
+            return False, "timed out after 120 s"
+
     t = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, "-c", CANARY], capture_output=True, text=True, timeout=120, cwd=ROOT)
-        ok, tail = p.returncode == 0, (p.stdout + p.stderr)[-1500:]
-    except subprocess.TimeoutExpired:
-        ok, tail = False, "timed out after 120 s"
+    ok, tail = child(CANARY)
     if not ok:
         os.environ["COMPRESSOR_CUDA_KERNELS"] = "0"
     log(f"CUDA C++ kernel canary: {'passed' if ok else 'FAILED, its candidates are off'} "
         f"({time.perf_counter() - t:.1f} s): {tail.strip().splitlines()[-1] if tail.strip() else ''}")
-    return {"passed": ok, "output": tail, "seconds": round(time.perf_counter() - t, 1)}
+    out = {"passed": ok, "output": tail, "seconds": round(time.perf_counter() - t, 1)}
+    import torch
+
+    if ok and torch.cuda.get_device_capability() >= (9, 0):
+        pdl_ok, pdl_tail = child(CANARY_PDL)
+        if not pdl_ok:
+            os.environ["COMPRESSOR_CUDA_PDL"] = "0"
+        log(f"programmatic dependent launch: {'passed' if pdl_ok else 'FAILED, its candidates are off'}: "
+            f"{pdl_tail.strip().splitlines()[-1] if pdl_tail.strip() else ''}")
+        out.update(pdl_passed=pdl_ok, pdl_output=pdl_tail)
+    return out
 
 
 def env(torch, cuda: bool) -> dict:

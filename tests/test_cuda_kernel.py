@@ -30,12 +30,13 @@ def nvrtc_available() -> bool:
     return nvrtc.available()
 
 
-VARIANTS = [dict(BF16=bf16, MT=mt, WARPS=warps, GSLABS=gs, HAS_PERM=perm, PREFETCH=pf, MINB=1)
+VARIANTS = [dict(BF16=bf16, MT=mt, WARPS=warps, GSLABS=gs, HAS_PERM=perm, PREFETCH=pf, MINB=1, PDL=0)
             for bf16, mt, warps, gs, perm, pf in [(0, 1, 4, 4, 0, 1), (1, 1, 8, 4, 0, 1), (0, 2, 4, 0, 1, 1),
                                                   (1, 2, 8, 2, 1, 0), (0, 1, 4, 1, 0, 0), (0, 1, 4, 3, 0, 1),
                                                   (1, 1, 4, 12, 0, 1), (0, 2, 8, 16, 0, 1)]]
 # 128 registers (16 warps resident) fit the decode case, groups of 128 rows: it must not spill there.
-VARIANTS += [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4) for bf16 in (0, 1)]
+VARIANTS += [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4, PDL=0) for bf16 in (0, 1)]
+PDL_VARIANTS = [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4, PDL=1) for bf16 in (0, 1)]
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="no NVRTC library (pip install nvidia-cuda-nvrtc)")
@@ -47,6 +48,22 @@ def test_every_variant_compiles_without_spilling(arch, variant):
     cubin, log = nvrtc.compile_cubin(SOURCE.read_text(), "qmm_mma", arch, variant, verbose=True)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="no NVRTC library (pip install nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("variant", PDL_VARIANTS, ids=lambda d: f"BF16{d['BF16']}")
+def test_programmatic_dependent_launch_compiles_for_hopper_and_its_launch_config_is_laid_out_as_cuda_h(variant):
+    import ctypes
+
+    from compressor.kernels import nvrtc
+
+    cubin, log = nvrtc.compile_cubin(SOURCE.read_text(), "qmm_mma", 90, variant, verbose=True)
+    assert "0 bytes spill stores" in log, log
+    # cuda.h: CUlaunchAttribute is the id padded to 8 bytes and a 64-byte union; CUlaunchConfig has 7 unsigned
+    # ints, the stream at offset 32, the attributes at 40 and their count at 48.
+    assert ctypes.sizeof(nvrtc.LaunchAttribute) == 72 and nvrtc.LaunchAttribute.value.offset == 8
+    assert (nvrtc.LaunchConfig.hStream.offset, nvrtc.LaunchConfig.attrs.offset,
+            nvrtc.LaunchConfig.numAttrs.offset) == (32, 40, 48)
 
 
 # ---- the emulation ----------------------------------------------------------------------------------------------
@@ -200,10 +217,12 @@ def test_emulated_kernel_computes_what_the_reference_computes(dtype, m, k, n, gr
 def test_kernel_on_the_gpu_matches_the_reference(dtype, m):
     from compressor.kernels import triton_qmm
 
-    for group_size, act_order, split, warps, stages in [(128, False, 1, 4, 2), (32, True, 4, 8, 2),
-                                                        (-1, False, 2, 4, 1), (96, False, 3, 8, 2)]:
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    for group_size, act_order, split, warps, stages, pdl in [(128, False, 1, 4, 2, False), (32, True, 4, 8, 2, False),
+                                                             (-1, False, 2, 4, 1, False), (96, False, 3, 8, 2, hopper),
+                                                             (128, False, 4, 4, 2, hopper)]:
         kw = pack_for_kernel(random_quantized(264, 1536, 4, group_size, act_order, seed=m), dtype).to("cuda")
-        cfg = triton_qmm.Config(8 if m <= 8 else 16, 32, split, warps, stages, mma=True)
+        cfg = triton_qmm.Config(8 if m <= 8 else 16, 32, split, warps, stages, mma=True, pdl=pdl)
         for seed in (0, 1):  # twice: the split-K workspace must be left zeroed
             x = torch.randn(m, 1536, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
             bias = torch.randn(264, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)

@@ -39,9 +39,9 @@ def group_slabs(kw: KernelWeight) -> int:
 
 
 def defines(dtype: torch.dtype, rows_per_block: int, warps: int, gslabs: int, perm: bool, prefetch: bool,
-            min_blocks: int = 1) -> dict:
+            min_blocks: int = 1, pdl: bool = False) -> dict:
     return {"BF16": dtype == torch.bfloat16, "MT": rows_per_block // 8, "WARPS": warps, "GSLABS": gslabs,
-            "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks}
+            "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks, "PDL": pdl}
 
 
 @lru_cache(maxsize=None)
@@ -66,10 +66,11 @@ def shared_bytes(m: int, tiles_per_split: int, rows_per_block: int, warps: int) 
 
 
 def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, *, split: int, per_split: int,
-                 warps: int, rows_per_block: int, prefetch: bool, workspace, min_blocks: int = 1) -> torch.Tensor:
+                 warps: int, rows_per_block: int, prefetch: bool, workspace, min_blocks: int = 1,
+                 pdl: bool = False) -> torch.Tensor:
     """``x2 [m, in] @ dequant(W) (+ bias)``; `split` blocks over the input of `per_split` tiles each (the caller
     clamps them to the shape); `workspace(sums, counters)` gives zeroed float32 sums and int32 counters that the
-    kernel leaves zeroed."""
+    kernel leaves zeroed. `pdl`: a programmatic dependent launch (compute capability 9.0+)."""
     m, n, k = x2.shape[0], kw.out_features, kw.in_features
     dev = x2.device
     if kw.qweight.data_ptr() % 16 or kw.scales.data_ptr() % 8 or kw.zeros.data_ptr() % 8:
@@ -79,7 +80,7 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
     if smem > _shared_limit(dev.index or 0):
         raise ValueError(f"{smem} bytes of shared memory: more than the device allows (split the input further)")
     key = tuple(sorted(defines(x2.dtype, rows_per_block, warps, group_slabs(kw), kw.perm is not None,
-                               prefetch, min_blocks).items()))
+                               prefetch, min_blocks, pdl).items()))
     kernel = _kernel(dev.index if dev.index is not None else torch.cuda.current_device(), key)
     out = torch.empty(m, n, dtype=x2.dtype, device=dev)
     col_blocks, m_blocks = -(-n // BLOCK_COLUMNS), -(-m // rows_per_block)
@@ -93,5 +94,7 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
             ptr(bias if bias is not None else kw.scales), ptr(out), ptr(ws), ptr(count)]
     args += [ctypes.c_int(v) for v in (m, n, k, kw.scales.shape[0], per_split, x2.stride(0), out.stride(0),
                                        bias is not None, xvec)]
-    kernel((col_blocks, split, m_blocks), warps * 32, smem, args)
+    if pdl and torch.cuda.get_device_capability(dev) < (9, 0):
+        raise ValueError("programmatic dependent launch needs compute capability 9.0")
+    kernel((col_blocks, split, m_blocks), warps * 32, smem, args, pdl=pdl)
     return out

@@ -128,10 +128,38 @@ class Kernel:
             _cu(lib.cuFuncSetAttribute(self._func, 8, max_shared), f"shared memory of {name}")
         self.name = name
 
-    def __call__(self, grid: tuple[int, int, int], block: int, shared: int, args: list) -> None:
+    def __call__(self, grid: tuple[int, int, int], block: int, shared: int, args: list, pdl: bool = False) -> None:
+        """Launch on PyTorch's current stream. `pdl`: programmatic dependent launch (sm_90+), the grid may start
+        before the previous kernel in the stream has finished; the kernel waits for it (griddepcontrol.wait)
+        before it reads that kernel's results."""
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        _cu(_libcuda().cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block, 1, 1, shared, stream,
-                                      kernel_params(args), None), f"launching {self.name}")
+        if not pdl:
+            _cu(_libcuda().cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block, 1, 1, shared, stream,
+                                          kernel_params(args), None), f"launching {self.name}")
+            return
+        attr = LaunchAttribute(PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value.int_value = 1
+        config = LaunchConfig(*grid, block, 1, 1, shared, stream, ctypes.pointer(attr), 1)
+        _cu(_libcuda().cuLaunchKernelEx(ctypes.byref(config), self._func, kernel_params(args), None),
+            f"launching {self.name} (programmatic dependent launch)")
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class LaunchAttributeValue(ctypes.Union):
+    _fields_ = [("pad", ctypes.c_char * 64), ("int_value", ctypes.c_int)]
+
+
+class LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: the id, padded to 8 bytes, then a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", LaunchAttributeValue)]
+
+
+class LaunchConfig(ctypes.Structure):  # CUlaunchConfig of cuLaunchKernelEx
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 def kernel_params(args: list) -> ctypes.Array:

@@ -7,6 +7,8 @@
 //   GSLABS    rows per group / 32 (0: one group over the whole input)
 //   HAS_PERM  1: packed row k reads activation column perm[k] (activation order)
 //   PREFETCH  1: the next tile's weight words are requested before this tile is computed
+//   PDL       1 (sm_90+): the weights of the first tile are requested before waiting for the previous kernel in the
+//             stream (griddepcontrol.wait), which a programmatic dependent launch lets run on meanwhile
 //   MINB      blocks per multiprocessor the compiler must leave registers for (1: as many registers as it likes;
 //             4 with 4 warps: at most 128 per thread, 16 warps resident, which may spill)
 // No header is included: the 16-bit floats live in 32-bit registers as pairs and all their arithmetic is PTX.
@@ -193,6 +195,27 @@ __device__ __forceinline__ void tile_scales(unsigned (&sc)[4][4], unsigned (&zc)
     }
 }
 
+#define STAGE 4  // staging units in flight per thread
+
+// Staging unit u of the block's activations (8 consecutive input rows k.. of activation row m, zero past K), the 8
+// 16-bit values packed in order.
+__device__ __forceinline__ uint4 stage_load(const unsigned short* __restrict__ x, const int* __restrict__ perm, int u,
+                                            int nt, int t0, int m0, int K, int stride_xm, int xvec) {
+    const int chunk = u & 3, j = (u >> 2) & 7, rest = u >> 5;
+    const int tl = rest % nt, m = rest / nt;
+    const int k = (t0 + tl) * TILE_ROWS + j * 32 + chunk * 8;
+    const unsigned short* xrow = x + (size_t)(m0 + m) * stride_xm;
+    if (!HAS_PERM && xvec && k < K) return *reinterpret_cast<const uint4*>(xrow + k);  // K % 8 == 0, aligned rows
+    unsigned v[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const int kk = k + e;
+        const unsigned h = kk < K ? xrow[HAS_PERM ? perm[kk] : kk] : 0u;
+        v[e >> 1] |= h << (16 * (e & 1));
+    }
+    return make_uint4(v[0], v[1], v[2], v[3]);
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 qmm_mma(const unsigned short* __restrict__ x, const unsigned* __restrict__ w, const unsigned short* __restrict__ s,
         const unsigned short* __restrict__ z, const int* __restrict__ perm, const unsigned short* __restrict__ bias,
@@ -215,32 +238,36 @@ qmm_mma(const unsigned short* __restrict__ x, const unsigned* __restrict__ w, co
     TileGroups ga = {}, gb = {};
     load_words(wa, w, t0 + warp, col_ok && t0 + warp < t1, t, col, N);
     load_groups(ga, s, z, t0 + warp, col_ok && t0 + warp < t1, groups, col, N);
+#if PDL
+    // Nothing above reads what the previous kernel writes, and nothing is written before this point.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 
     // Stage the activations of the block's tiles: entry (packed row p, activation row m) holds the 8 values that
     // word p multiplies, in pair order j = 0, 4, 1, 5, 2, 6, 3, 7 (registers: codes (0,4), (1,5), (2,6), (3,7)).
+    // Unit u is 8 consecutive input rows of one activation row; each thread loads STAGE units before it stores
+    // any, so their latencies overlap.
     unsigned short* xh = reinterpret_cast<unsigned short*>(smem);
-    const int units = mr * (t1 - t0) * 32;  // 8 consecutive input rows each
-    for (int u = threadIdx.x; u < units; u += blockDim.x) {
-        const int chunk = u & 3, j = (u >> 2) & 7, rest = u >> 5;
-        const int tl = rest % (t1 - t0), m = rest / (t1 - t0);
-        const int k = (t0 + tl) * TILE_ROWS + j * 32 + chunk * 8;
-        const unsigned short* xrow = x + (size_t)(m0 + m) * stride_xm;
-        unsigned short v[8];
-        if (!HAS_PERM && xvec && k < K) {  // K % 8 == 0 and 16-byte aligned rows: all 8 in bounds
-            const uint4 q = *reinterpret_cast<const uint4*>(xrow + k);
-            const unsigned qq[4] = {q.x, q.y, q.z, q.w};
+    const int nt = t1 - t0, units = mr * nt * 32;
+    for (int base = threadIdx.x; base < units; base += STAGE * blockDim.x) {
+        uint4 v[STAGE];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) v[e] = (unsigned short)(qq[e >> 1] >> (16 * (e & 1)));
-        } else {
+        for (int q = 0; q < STAGE; ++q) {
+            const int u = base + q * blockDim.x;
+            if (u < units) v[q] = stage_load(x, perm, u, nt, t0, m0, K, stride_xm, xvec);
+        }
+#pragma unroll
+        for (int q = 0; q < STAGE; ++q) {
+            const int u = base + q * blockDim.x;
+            if (u >= units) break;
+            const int chunk = u & 3, j = (u >> 2) & 7, rest = u >> 5;
+            const int tl = rest % nt, m = rest / nt, pos = (j & 3) * 2 + (j >> 2);
+            const unsigned vv[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                const int kk = k + e;
-                v[e] = kk < K ? xrow[HAS_PERM ? perm[kk] : kk] : (unsigned short)0;
+                xh[((tl * 32 + chunk * 8 + e) * mr + m) * 8 + pos] = (unsigned short)(vv[e >> 1] >> (16 * (e & 1)));
             }
         }
-        const int pos = (j & 3) * 2 + (j >> 2);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) xh[((tl * 32 + chunk * 8 + e) * mr + m) * 8 + pos] = v[e];
     }
     __syncthreads();
 

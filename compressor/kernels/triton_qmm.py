@@ -406,11 +406,12 @@ class Config:
     mma: bool = False  # the CUDA C++ kernel (cuda_qmm.py): block_m activation rows per block (8 or 16), num_warps,
     # split_k; num_stages 2: the next tile's weights requested before this one is computed
     min_blocks: int = 1  # mma: blocks per multiprocessor the compiler leaves registers for
+    pdl: bool = False  # mma: programmatic dependent launch (sm_90+)
 
     def __str__(self) -> str:
         if self.mma:
             return (f"mma-m{self.block_m}k{self.split_k}w{self.num_warps}" + ("" if self.num_stages > 1 else "-s1")
-                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
+                    + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + ("-pdl" if self.pdl else ""))
         if self.gemv:
             return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + ("" if self.half2 else "-fp32")
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
@@ -440,7 +441,7 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
         return cuda_qmm.quant_matmul(x2, kw, bias, split=split, per_split=per_split, warps=cfg.num_warps,
                                      rows_per_block=cfg.block_m, prefetch=cfg.num_stages > 1,
                                      workspace=lambda sums, blocks: _workspace(x.device, sums, blocks),
-                                     min_blocks=cfg.min_blocks).view(*lead, n)
+                                     min_blocks=cfg.min_blocks, pdl=cfg.pdl).view(*lead, n)
     if cfg.gemv:
         return _gemv(x2, kw, bias, cfg, split, per_split).view(*lead, n)
     atomic = split > 1
@@ -541,6 +542,11 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
         splits = (1, 2, 4, 8, 16)
         out += [Config(rows, 32, split, warps, 2, mma=True) for warps in (4, 8) for split in splits]
         out += [Config(rows, 32, split, 4, 2, mma=True, min_blocks=4) for split in splits]  # 16 warps resident
+        # Programmatic dependent launch: the first weights are on their way while the previous kernel finishes
+        # (tune drops these where the device or driver refuses them).
+        if os.environ.get("COMPRESSOR_CUDA_PDL", "1") != "0":
+            out += [Config(rows, 32, split, 4, 2, mma=True, min_blocks=b, pdl=True) for b in (1, 4)
+                    for split in splits]
         out += [Config(rows, 32, split, 4, 1, mma=True) for split in (1, 4)]
     if m <= GEMV_ROWS:
         # block columns x warps (8 to 32 partial sums per thread and slab) x split
