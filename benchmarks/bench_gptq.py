@@ -53,6 +53,15 @@ OURS = [  # name, args
     ("compressor RTN W8 per-channel sym", ["--method", "rtn", "--bits", "8", "--group-size", "-1", "--sym"]),
     ("compressor GPTQ W8 per-channel sym", ["--method", "gptq", "--bits", "8", "--group-size", "-1", "--sym",
                                             "--act-order"]),
+    # The mixed plan at bench_mixed.py's Q4_0 size (5.3 bits per weight over 4/5/8-bit layers), with the sensitivity
+    # pass and GPTQ in float32, then in bfloat16: what calibration.precision changes in the plan and its accuracy.
+    ("compressor mixed GPTQ 4/5/8 at 5.3 bpw float32 passes", ["--method", "gptq", "--bits", "4", "--group-size",
+                                                               "32", "--sym", "--act-order", "--mixed-target", "5.3",
+                                                               "--mixed-choices", "4,5,8", "--precision", "float32"]),
+    ("compressor mixed GPTQ 4/5/8 at 5.3 bpw bfloat16 passes", ["--method", "gptq", "--bits", "4", "--group-size",
+                                                                "32", "--sym", "--act-order", "--mixed-target", "5.3",
+                                                                "--mixed-choices", "4,5,8", "--precision",
+                                                                "bfloat16"]),
 ]
 PEERS = [  # name, venv, script, extra args
     ("GPTQModel GPTQ W4 g32 sym act-order", "gptqmodel", "run_gptqmodel.py", []),
