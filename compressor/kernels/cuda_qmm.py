@@ -19,7 +19,6 @@ import torch
 from .layout import SUB, KernelWeight
 
 SOURCE = Path(__file__).with_name("qmm_mma.cu")
-TILE_ROWS = SUB * 8  # input rows per tile of 4-bit codes
 BLOCK_COLUMNS = 32  # output columns per block
 
 
@@ -40,6 +39,7 @@ def group_slabs(kw: KernelWeight) -> int:
 
 def defines(dtype: torch.dtype, rows_per_block: int, warps: int, gslabs: int, perm: bool, prefetch: bool,
             min_blocks: int = 1, pdl: bool = False) -> dict:
+    """The source's macros for one variant (the kernel is compiled once per distinct set)."""
     return {"BF16": dtype == torch.bfloat16, "MT": rows_per_block // 8, "WARPS": warps, "GSLABS": gslabs,
             "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks, "PDL": pdl}
 
