@@ -35,7 +35,8 @@ VARIANTS = [dict(BF16=bf16, MT=mt, WARPS=warps, GSLABS=gs, HAS_PERM=perm, PREFET
                                                   (1, 2, 8, 2, 1, 0), (0, 1, 4, 1, 0, 0), (0, 1, 4, 3, 0, 1),
                                                   (1, 1, 4, 12, 0, 1), (0, 2, 8, 16, 0, 1)]]
 # 128 registers (16 warps resident) fit the decode case, groups of 128 rows: it must not spill there.
-VARIANTS += [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4, PDL=0) for bf16 in (0, 1)]
+VARIANTS += [dict(BF16=bf16, MT=1, WARPS=warps, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=minb, PDL=0)
+             for bf16 in (0, 1) for warps, minb in ((2, 8), (4, 4))]
 PDL_VARIANTS = [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4, PDL=1) for bf16 in (0, 1)]
 
 
@@ -98,7 +99,21 @@ def pair_fma(a: torch.Tensor, b, c: torch.Tensor, dtype: torch.dtype) -> torch.T
     return pair(f(a0, b0, c0), f(a1, b1, c1))
 
 
-def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int) -> torch.Tensor:
+def warp_tiles(t0: int, t1: int, warp: int, warps: int) -> list[int]:
+    """The tiles one warp computes, in the kernel's order: its ping-pong loop, two tiles per iteration."""
+    done = []
+    tile = t0 + warp
+    while tile < t1:
+        done.append(tile)
+        nxt = tile + warps
+        if nxt >= t1:
+            break
+        done.append(nxt)
+        tile += 2 * warps
+    return done
+
+
+def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int, warps: int = 4) -> torch.Tensor:
     """What qmm_mma computes, block by block and step by step, for 32 lanes at once."""
     dtype, k_ = x.dtype, constants(x.dtype)
     m_all, n_all, k_all = x.shape[0], kw.out_features, kw.in_features
@@ -132,7 +147,9 @@ def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int) 
                         v = x[m0 + m, src] if src is not None else torch.zeros((), dtype=dtype)
                         xs[(tl * 32 + chunk * 8 + e) * mr + m, pos] = v
                 d = torch.zeros(2, rows_per_block // 8, 16, 8, dtype=torch.float64)  # D of each (h, bt)
-                for tile in range(t0, t1):
+                order = [tile for wi in range(warps) for tile in warp_tiles(t0, t1, wi, warps)]
+                assert sorted(order) == list(range(t0, t1))  # every tile once, by one warp
+                for tile in order:
                     # per lane, column i, slab j: scale and zero bits (zero where the column is past N)
                     sc, zc = torch.zeros(32, 4, 4, dtype=torch.int64), torch.zeros(32, 4, 4, dtype=torch.int64)
                     for p in range(4):
@@ -195,17 +212,18 @@ def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int) 
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m,k,n,group_size,act_order,rows,split", [
-    (1, 512, 64, 128, False, 8, 1),    # decode: one row, groups of 128 (pairs span two groups)
-    (5, 640, 72, 32, False, 8, 2),     # a partial last tile, a partial column block, split over the input
-    (12, 512, 40, 64, True, 16, 1),    # 9-16 rows: two products per operand; activation order
-    (3, 256, 32, -1, False, 8, 1),     # one group over the whole input
-    (2, 768, 32, 96, False, 8, 3),     # groups of 3 slabs: tiles straddle groups unevenly
+@pytest.mark.parametrize("m,k,n,group_size,act_order,rows,split,warps", [
+    (1, 512, 64, 128, False, 8, 1, 4),    # decode: one row, groups of 128 (pairs span two groups)
+    (5, 640, 72, 32, False, 8, 2, 2),     # a partial last tile, a partial column block, split over the input
+    (12, 512, 40, 64, True, 16, 1, 8),    # 9-16 rows: two products per operand; activation order
+    (3, 256, 32, -1, False, 8, 1, 4),     # one group over the whole input
+    (2, 1792, 32, 96, False, 8, 1, 2),    # groups of 3 slabs: tiles straddle groups unevenly; 7 tiles, 2 warps
 ])
-def test_emulated_kernel_computes_what_the_reference_computes(dtype, m, k, n, group_size, act_order, rows, split):
+def test_emulated_kernel_computes_what_the_reference_computes(dtype, m, k, n, group_size, act_order, rows, split,
+                                                              warps):
     kw = pack_for_kernel(random_quantized(n, k, 4, group_size, act_order, seed=m + k), dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(dtype)
-    got = emulate(x, kw, rows, split).double()
+    got = emulate(x, kw, rows, split, warps).double()
     exact = x.double() @ reference.dequantize(kw).double()
     err = float((got - exact).norm() / exact.norm())
     assert err < TOLERANCE[dtype], err
@@ -220,7 +238,8 @@ def test_kernel_on_the_gpu_matches_the_reference(dtype, m):
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     for group_size, act_order, split, warps, stages, pdl in [(128, False, 1, 4, 2, False), (32, True, 4, 8, 2, False),
                                                              (-1, False, 2, 4, 1, False), (96, False, 3, 8, 2, hopper),
-                                                             (128, False, 4, 4, 2, hopper)]:
+                                                             (128, False, 4, 4, 2, hopper),
+                                                             (64, False, 2, 2, 2, False)]:
         kw = pack_for_kernel(random_quantized(264, 1536, 4, group_size, act_order, seed=m), dtype).to("cuda")
         cfg = triton_qmm.Config(8 if m <= 8 else 16, 32, split, warps, stages, mma=True, pdl=pdl)
         for seed in (0, 1):  # twice: the split-K workspace must be left zeroed
@@ -240,6 +259,13 @@ def test_without_a_gpu_the_kernel_is_refused_clearly_and_tuning_passes_over_it()
     with pytest.raises(UnsupportedLayout, match="compute capability 8.0"):
         triton_qmm.quant_matmul(torch.randn(1, 256).half(), kw, config=cfg)
     assert str(cfg) == "mma-m8k1w4"
+
+
+def test_each_warp_takes_every_warps_th_tile_once():
+    for t0, t1, warps in [(0, 7, 2), (3, 4, 4), (0, 16, 4), (5, 37, 8), (0, 1, 2)]:
+        order = [t for w in range(warps) for t in warp_tiles(t0, t1, w, warps)]
+        assert sorted(order) == list(range(t0, t1))
+        assert all(t % warps == (t0 + w) % warps for w in range(warps) for t in warp_tiles(t0, t1, w, warps))
 
 
 def test_shared_memory_of_a_launch():

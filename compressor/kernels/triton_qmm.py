@@ -542,6 +542,8 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
         splits = (1, 2, 4, 8, 16)
         out += [Config(rows, 32, split, warps, 2, mma=True) for warps in (4, 8) for split in splits]
         out += [Config(rows, 32, split, 4, 2, mma=True, min_blocks=4) for split in splits]  # 16 warps resident
+        # 2 warps: short inputs split into blocks of one or two tiles leave no warp idle (decode of small models)
+        out += [Config(rows, 32, split, 2, 2, mma=True, min_blocks=8) for split in (2, 4, 8, 16)]
         # Programmatic dependent launch: the first weights are on their way while the previous kernel finishes
         # (tune drops these where the device or driver refuses them).
         if os.environ.get("COMPRESSOR_CUDA_PDL", "1") != "0":
