@@ -286,3 +286,17 @@ def test_launch_parameters_point_at_each_argument():
     params = kernel_params(args)
     assert ctypes.cast(params[0], ctypes.POINTER(ctypes.c_void_p))[0] == 0xDEADBEEF0
     assert [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_int))[0] for i in (1, 2)] == [-7, 4096]
+
+
+def test_the_profiling_script_reads_back_every_candidate_name():
+    import sys
+    from pathlib import Path
+
+    from compressor.kernels import triton_qmm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from profile_qmm import parse_config
+
+    for m in (1, 4, 16, 64):
+        for cfg in triton_qmm.candidates(m):
+            assert parse_config(str(cfg)) == cfg, str(cfg)
