@@ -423,6 +423,29 @@ def weight_bytes(mod) -> int:
     return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))
 
 
+def step_breakdown(torch, dec, steps: int = 8, top: int = 14) -> list[dict]:
+    """GPU time per decode step by kernel name (graph replays under the profiler): where a step's time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.run(steps)
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us()  # a kernel event: its own duration on the device
+        t = totals.setdefault(e.name, [0.0, 0])
+        t[0] += us
+        t[1] += 1
+    rows = [{"kernel": name[:90], "us_per_step": round(us / steps, 2), "launches_per_step": n / steps}
+            for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])]
+    total = sum(r["us_per_step"] for r in rows)
+    launches = sum(r["launches_per_step"] for r in rows)
+    return [{"kernel": "all kernels", "us_per_step": round(total, 1), "launches_per_step": launches}] + rows[:top]
+
+
 def decode(torch, cuda, results, deadline, store) -> None:
     from compressor.evaluate.static_decode import StaticDecoder
 
@@ -436,7 +459,7 @@ def decode(torch, cuda, results, deadline, store) -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    def measure(name: str, model, graph: bool, fused: bool, transform=None) -> StaticDecoder:
+    def measure(name: str, model, graph: bool, fused: bool, transform=None, profile: bool = False) -> StaticDecoder:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         dec = StaticDecoder(model, max_len=max_len, fused=fused)
@@ -458,6 +481,13 @@ def decode(torch, cuda, results, deadline, store) -> None:
             dec.run(steps)
             sync()
             ms.append((time.perf_counter() - t) * 1000 / steps)
+        breakdown = None
+        if profile and cuda and dec.graph is not None:
+            dec.reset(1, prompt)
+            try:
+                breakdown = step_breakdown(torch, dec)
+            except Exception as e:  # the profiler is a diagnostic: its failure costs no measurement
+                breakdown = [{"error": repr(e)[:200]}]
         ids = torch.randint(0, model.config.vocab_size, (1, 512 if cuda else 16), device=dev)
         untuned = (not results["prefill_tuning"] and os.environ.get("COMPRESSOR_KERNEL_TUNING") != "0"
                    and any(type(m).__name__ == "FusedQuantLinear" for m in model.modules()))
@@ -481,6 +511,8 @@ def decode(torch, cuda, results, deadline, store) -> None:
                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else None}
         if note:
             row["note"] = note
+        if breakdown is not None:
+            row["step_breakdown"] = breakdown
         out["variants"][name] = row
         log(f"decode {name}: {row['ms_per_token']:.3f} ms/token, prefill {row['prefill_tokens_per_s']:.0f} tok/s, "
             f"weights {row['weights_mb']:.0f} MB {note}")
@@ -490,13 +522,13 @@ def decode(torch, cuda, results, deadline, store) -> None:
     out["parameters"] = sum(p.numel() for p in model.parameters())
     log(f"model: {out['parameters'] / 1e9:.2f}B parameters")
     measure("fp16 (torch elementwise)", model, graph=True, fused=False)
-    fp16 = measure("fp16", model, graph=True, fused=cuda)
+    fp16 = measure("fp16", model, graph=True, fused=cuda, profile=True)
     del fp16
     qmodel = model
     del model
     quantize_decoder_layers(torch, qmodel, 4, 128, dtype)
     twin = dequantized_copy(torch, qmodel)
-    q = measure("int4 g128 (ours)", qmodel, graph=True, fused=cuda)
+    q = measure("int4 g128 (ours)", qmodel, graph=True, fused=cuda, profile=True)
     # Correctness end to end: the fused 4-bit decoder against the same weights dequantized into nn.Linear.
     ref = StaticDecoder(twin, max_len=max_len, fused=cuda)
     errs = []
@@ -587,6 +619,13 @@ def summary(results: dict) -> str:
             peak = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") else "-"
             lines.append(f"| {name} | {r['ms_per_token']:.3f} | {sp} | {r['prefill_tokens_per_s']:.0f} | "
                          f"{r['weights_mb']:.0f} | {peak} | {r.get('note', '')} |")
+        for name, r in d["variants"].items():
+            if r.get("step_breakdown"):
+                lines += ["", f"Where a decode step's GPU time goes, {name} (profiler, 8 graph replays; 'all kernels' "
+                          "is their busy time: below ms/token by the gaps between kernels):",
+                          "| kernel | µs per step | launches per step |", "| --- | --- | --- |"]
+                lines += [f"| {b.get('kernel', b.get('error'))} | {b.get('us_per_step', '')} | "
+                          f"{b.get('launches_per_step', '')} |" for b in r["step_breakdown"]]
         if "int4_vs_dequantized_rel_err" in d:
             lines.append(f"\nint4 decoder vs its dequantized fp16 twin: max rel err of logits "
                          f"{d['int4_vs_dequantized_rel_err']:.1e}")
