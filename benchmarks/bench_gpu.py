@@ -148,12 +148,15 @@ def cuda_kernel_canary() -> dict:
     the run."""
     import subprocess
 
-    def child(code: str) -> tuple[bool, str]:
+    import shutil
+
+    def child(code: str, wrapper: list[str] = (), timeout: int = 120) -> tuple[bool, str]:
         try:
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-            return p.returncode == 0, (p.stdout + p.stderr)[-1500:]
+            p = subprocess.run([*wrapper, sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=timeout, cwd=ROOT)
+            return p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         except subprocess.TimeoutExpired:
-            return False, "timed out after 120 s"
+            return False, f"timed out after {timeout} s"
 
     t = time.perf_counter()
     ok, tail = child(CANARY)
@@ -162,6 +165,12 @@ def cuda_kernel_canary() -> dict:
     log(f"CUDA C++ kernel canary: {'passed' if ok else 'FAILED, its candidates are off'} "
         f"({time.perf_counter() - t:.1f} s): {tail.strip().splitlines()[-1] if tail.strip() else ''}")
     out = {"passed": ok, "output": tail, "seconds": round(time.perf_counter() - t, 1)}
+    sanitizer = shutil.which("compute-sanitizer") or next(
+        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
+    if not ok and sanitizer:  # where it went wrong, for the next session: bad accesses, with the kernel's line
+        _, report = child(CANARY, [sanitizer, "--tool", "memcheck", "--print-limit", "10"], timeout=180)
+        out["sanitizer"] = report
+        print(report[-2000:], flush=True)
     import torch
 
     if ok and torch.cuda.get_device_capability() >= (9, 0):
