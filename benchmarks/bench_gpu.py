@@ -119,6 +119,13 @@ for dtype in (torch.float16, torch.bfloat16):
         y = triton_qmm.quant_matmul(x, kw, config=cfg)
         exact = x.double() @ reference.dequantize(kw).double()
         worst = max(worst, float((y.double() - exact).norm() / exact.norm()))
+from compressor.kernels import fused_ops  # the SwiGLU prologue of a down projection
+gate_up = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+qt = quantize_rtn(torch.randn(1024, 2048), 4, 128, symmetric=False)
+kw = pack_for_kernel(qt, torch.float16).to("cuda")
+y = triton_qmm.quant_matmul(gate_up, kw, config=triton_qmm.Config(8, 32, 2, 4, 2, mma=True), swiglu=True)
+exact = fused_ops.silu_mul(gate_up, True).double() @ reference.dequantize(kw).double()
+worst = max(worst, float((y.double() - exact).norm() / exact.norm()))
 torch.cuda.synchronize()
 print("worst relative error", worst)
 assert worst < 1.5e-2, worst

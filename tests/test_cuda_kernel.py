@@ -30,14 +30,17 @@ def nvrtc_available() -> bool:
     return nvrtc.available()
 
 
-VARIANTS = [dict(BF16=bf16, MT=mt, WARPS=warps, GSLABS=gs, HAS_PERM=perm, PREFETCH=pf, MINB=1, PDL=0)
+VARIANTS = [dict(BF16=bf16, MT=mt, WARPS=warps, GSLABS=gs, HAS_PERM=perm, PREFETCH=pf, MINB=1, PDL=0, SWIGLU=0)
             for bf16, mt, warps, gs, perm, pf in [(0, 1, 4, 4, 0, 1), (1, 1, 8, 4, 0, 1), (0, 2, 4, 0, 1, 1),
                                                   (1, 2, 8, 2, 1, 0), (0, 1, 4, 1, 0, 0), (0, 1, 4, 3, 0, 1),
                                                   (1, 1, 4, 12, 0, 1), (0, 2, 8, 16, 0, 1)]]
 # 128 registers (16 warps resident) fit the decode case, groups of 128 rows: it must not spill there.
-VARIANTS += [dict(BF16=bf16, MT=1, WARPS=warps, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=minb, PDL=0)
+VARIANTS += [dict(BF16=bf16, MT=1, WARPS=warps, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=minb, PDL=0, SWIGLU=0)
              for bf16 in (0, 1) for warps, minb in ((2, 8), (4, 4))]
-PDL_VARIANTS = [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4, PDL=1) for bf16 in (0, 1)]
+VARIANTS += [dict(BF16=bf16, MT=mt, WARPS=4, GSLABS=4, HAS_PERM=perm, PREFETCH=1, MINB=1, PDL=0, SWIGLU=1)
+             for bf16, mt, perm in ((0, 1, 0), (1, 2, 1))]
+PDL_VARIANTS = [dict(BF16=bf16, MT=1, WARPS=4, GSLABS=4, HAS_PERM=0, PREFETCH=1, MINB=4, PDL=1, SWIGLU=0)
+                for bf16 in (0, 1)]
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="no NVRTC library (pip install nvidia-cuda-nvrtc)")
@@ -113,8 +116,9 @@ def warp_tiles(t0: int, t1: int, warp: int, warps: int) -> list[int]:
     return done
 
 
-def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int, warps: int = 4) -> torch.Tensor:
-    """What qmm_mma computes, block by block and step by step, for 32 lanes at once."""
+def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int, warps: int = 4,
+            swiglu: bool = False) -> torch.Tensor:
+    """What qmm_mma computes, block by block and step by step, for 32 lanes at once (`swiglu`: x is [gate | up])."""
     dtype, k_ = x.dtype, constants(x.dtype)
     m_all, n_all, k_all = x.shape[0], kw.out_features, kw.in_features
     tiles = -(-k_all // 256)
@@ -145,6 +149,10 @@ def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int, 
                         kk = k + e
                         src = (int(kw.perm[kk]) if kw.perm is not None else kk) if kk < k_all else None
                         v = x[m0 + m, src] if src is not None else torch.zeros((), dtype=dtype)
+                        if swiglu and src is not None:  # silu in float32, rounded; times up, rounded
+                            gf = v.float()
+                            v = ((gf / (1 + torch.exp(-gf))).to(dtype).float() * x[m0 + m, k_all + src].float())
+                            v = v.to(dtype)
                         xs[(tl * 32 + chunk * 8 + e) * mr + m, pos] = v
                 d = torch.zeros(2, rows_per_block // 8, 16, 8, dtype=torch.float64)  # D of each (h, bt)
                 order = [tile for wi in range(warps) for tile in warp_tiles(t0, t1, wi, warps)]
@@ -221,6 +229,7 @@ def emulate(x: torch.Tensor, kw: KernelWeight, rows_per_block: int, split: int, 
 ])
 def test_emulated_kernel_computes_what_the_reference_computes(dtype, m, k, n, group_size, act_order, rows, split,
                                                               warps):
+    # (the SwiGLU prologue: the next test)
     kw = pack_for_kernel(random_quantized(n, k, 4, group_size, act_order, seed=m + k), dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(dtype)
     got = emulate(x, kw, rows, split, warps).double()
@@ -249,6 +258,38 @@ def test_kernel_on_the_gpu_matches_the_reference(dtype, m):
             exact = x.double() @ reference.dequantize(kw).double() + bias.double()
             err = float((y.double() - exact).norm() / exact.norm())
             assert err < TOLERANCE[dtype], (cfg, group_size, act_order, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_emulated_swiglu_prologue_computes_the_swiglu_then_the_product(dtype, act_order):
+    from compressor.kernels import fused_ops
+
+    m, k, n = 3, 640, 40
+    kw = pack_for_kernel(random_quantized(n, k, 4, 64, act_order, seed=5), dtype)
+    gate_up = (torch.randn(m, 2 * k, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    got = emulate(gate_up, kw, 8, 2, 2, swiglu=True).double()
+    exact = fused_ops.silu_mul(gate_up, False).double() @ reference.dequantize(kw).double()
+    err = float((got - exact).norm() / exact.norm())
+    assert err < TOLERANCE[dtype], err
+
+
+def test_swiglu_matmul_without_the_cuda_kernel_is_the_swiglu_then_the_product():
+    from compressor.kernels import fused_ops, quant_matmul, swiglu_matmul
+
+    kw = pack_for_kernel(random_quantized(48, 256, 4, 32, False, seed=2), torch.float32)
+    gate_up = torch.randn(2, 3, 512)
+    bias = torch.randn(48)
+    want = quant_matmul(fused_ops.silu_mul(gate_up.view(6, 512), False).view(2, 3, 256), kw, bias)
+    assert torch.equal(swiglu_matmul(gate_up, kw, bias, use_triton=False), want)
+
+
+def test_only_the_cuda_kernel_takes_the_swiglu():
+    from compressor.kernels import UnsupportedLayout, triton_qmm
+
+    kw = pack_for_kernel(random_quantized(64, 256, 4, 32, False, 0))
+    with pytest.raises(UnsupportedLayout, match="SwiGLU"):
+        triton_qmm.quant_matmul(torch.randn(1, 512).half(), kw, config=triton_qmm.default_config(1), swiglu=True)
 
 
 def test_without_a_gpu_the_kernel_is_refused_clearly_and_tuning_passes_over_it():
@@ -300,3 +341,18 @@ def test_the_profiling_script_reads_back_every_candidate_name():
     for m in (1, 4, 16, 64):
         for cfg in triton_qmm.candidates(m):
             assert parse_config(str(cfg)) == cfg, str(cfg)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_swiglu_prologue_on_the_gpu_matches_the_swiglu_then_the_product(dtype):
+    from compressor.kernels import fused_ops, triton_qmm
+
+    for m, act_order, split in ((1, False, 1), (5, True, 3), (12, False, 2)):
+        kw = pack_for_kernel(random_quantized(264, 1536, 4, 128, act_order, seed=m), dtype).to("cuda")
+        gate_up = (torch.randn(m, 3072, generator=torch.Generator().manual_seed(m)) * 2).to("cuda", dtype)
+        cfg = triton_qmm.Config(8 if m <= 8 else 16, 32, split, 4, 2, mma=True)
+        y = triton_qmm.quant_matmul(gate_up, kw, config=cfg, swiglu=True)
+        exact = fused_ops.silu_mul(gate_up, True).double() @ reference.dequantize(kw).double()
+        err = float((y.double() - exact).norm() / exact.norm())
+        assert err < TOLERANCE[dtype], (m, act_order, err)

@@ -122,7 +122,11 @@ class StaticDecoder:
             attn = F.scaled_dot_product_attention(q.reshape(1, self.kv_heads, group, self.head_dim),
                                                   self.k_cache[i], self.v_cache[i], attn_mask=mask)
             r = fused_ops.add_rmsnorm(h, b["o"](attn.reshape(1, -1)), b["ln2"], self.eps, self.fused)
-            delta = b["down"](fused_ops.silu_mul(b["gate_up"](r), self.fused))
+            gate_up, down = b["gate_up"](r), b["down"]
+            if isinstance(down, FusedQuantLinear):  # the SwiGLU may run inside the down projection's kernel
+                delta = down.forward_swiglu(gate_up, self.fused)
+            else:
+                delta = down(fused_ops.silu_mul(gate_up, self.fused))
             nxt = self.blocks[i + 1]["ln1"] if i + 1 < len(self.blocks) else self.final_norm
             r = fused_ops.add_rmsnorm(h, delta, nxt, self.eps, self.fused)
         logits = self.head(r)

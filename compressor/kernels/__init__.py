@@ -12,8 +12,8 @@ import torch
 from . import reference
 from .layout import KernelWeight, UnsupportedLayout, pack_for_kernel
 
-__all__ = ["KernelWeight", "UnsupportedLayout", "pack_for_kernel", "quant_matmul", "triton_available",
-           "use_fused_kernels"]
+__all__ = ["KernelWeight", "UnsupportedLayout", "pack_for_kernel", "quant_matmul", "swiglu_matmul",
+           "triton_available", "use_fused_kernels"]
 
 
 def triton_available() -> bool:
@@ -26,6 +26,23 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
 
         return triton_qmm.quant_matmul(x, kw, bias)
     return reference.quant_matmul(x, kw, bias)
+
+
+def swiglu_matmul(gate_up: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
+                  use_triton: bool = True) -> torch.Tensor:
+    """``(silu(gate) * up) @ dequant(W) (+ bias)`` for ``gate_up = [gate | up]`` ([..., 2 in]): a down projection
+    after its SwiGLU. One launch where the tuner chose the CUDA C++ kernel for this shape (it computes the SwiGLU
+    while staging its activations); otherwise the SwiGLU kernel (`use_triton`) or PyTorch, then `quant_matmul`."""
+    from .fused_ops import silu_mul
+
+    if gate_up.is_cuda and gate_up.dtype in (torch.float16, torch.bfloat16) and triton_available():
+        from . import cuda_qmm, triton_qmm
+
+        cfg = triton_qmm.tuned_config(gate_up.numel() // gate_up.shape[-1], kw, gate_up.dtype)
+        if cfg.mma and cuda_qmm.applies(kw, gate_up.dtype):
+            return triton_qmm.quant_matmul(gate_up, kw, bias, config=cfg, swiglu=True)
+    a = silu_mul(gate_up.reshape(-1, gate_up.shape[-1]), use_triton and triton_available())
+    return quant_matmul(a.view(*gate_up.shape[:-1], -1), kw, bias)
 
 
 def use_fused_kernels(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, str]:

@@ -38,10 +38,10 @@ def group_slabs(kw: KernelWeight) -> int:
 
 
 def defines(dtype: torch.dtype, rows_per_block: int, warps: int, gslabs: int, perm: bool, prefetch: bool,
-            min_blocks: int = 1, pdl: bool = False) -> dict:
+            min_blocks: int = 1, pdl: bool = False, swiglu: bool = False) -> dict:
     """The source's macros for one variant (the kernel is compiled once per distinct set)."""
     return {"BF16": dtype == torch.bfloat16, "MT": rows_per_block // 8, "WARPS": warps, "GSLABS": gslabs,
-            "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks, "PDL": pdl}
+            "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks, "PDL": pdl, "SWIGLU": swiglu}
 
 
 @lru_cache(maxsize=None)
@@ -67,11 +67,15 @@ def shared_bytes(m: int, tiles_per_split: int, rows_per_block: int, warps: int) 
 
 def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, *, split: int, per_split: int,
                  warps: int, rows_per_block: int, prefetch: bool, workspace, min_blocks: int = 1,
-                 pdl: bool = False) -> torch.Tensor:
+                 pdl: bool = False, swiglu: bool = False) -> torch.Tensor:
     """``x2 [m, in] @ dequant(W) (+ bias)``; `split` blocks over the input of `per_split` tiles each (the caller
     clamps them to the shape); `workspace(sums, counters)` gives zeroed float32 sums and int32 counters that the
-    kernel leaves zeroed. `pdl`: a programmatic dependent launch (compute capability 9.0+)."""
+    kernel leaves zeroed. `pdl`: a programmatic dependent launch (compute capability 9.0+). `swiglu`: x2 is
+    [gate | up], [m, 2 in], and the product is ``(silu(gate) * up) @ dequant(W)``."""
     m, n, k = x2.shape[0], kw.out_features, kw.in_features
+    if x2.shape[1] != (2 * k if swiglu else k) or x2.stride(1) != 1:
+        raise ValueError(f"activations {tuple(x2.shape)} (stride {x2.stride()}): expected "
+                         f"[m, {2 * k if swiglu else k}] with contiguous rows")
     dev = x2.device
     if kw.qweight.data_ptr() % 16 or kw.scales.data_ptr() % 8 or kw.zeros.data_ptr() % 8:
         raise ValueError("the kernel reads 16-byte words and 8-byte scale groups: qweight, scales and zeros must be "
@@ -80,7 +84,7 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
     if smem > _shared_limit(dev.index or 0):
         raise ValueError(f"{smem} bytes of shared memory: more than the device allows (split the input further)")
     key = tuple(sorted(defines(x2.dtype, rows_per_block, warps, group_slabs(kw), kw.perm is not None,
-                               prefetch, min_blocks, pdl).items()))
+                               prefetch, min_blocks, pdl, swiglu).items()))
     kernel = _kernel(dev.index if dev.index is not None else torch.cuda.current_device(), key)
     out = torch.empty(m, n, dtype=x2.dtype, device=dev)
     col_blocks, m_blocks = -(-n // BLOCK_COLUMNS), -(-m // rows_per_block)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..quant.tensor import QuantLinear
-from . import quant_matmul
+from . import quant_matmul, swiglu_matmul
 from .layout import KernelWeight, UnsupportedLayout, pack_for_kernel
 
 
@@ -31,6 +31,10 @@ class FusedQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(x, self.kernel_weight(), self.bias)
+
+    def forward_swiglu(self, gate_up: torch.Tensor, use_triton: bool = True) -> torch.Tensor:
+        """This layer applied to silu(gate) * up of ``gate_up = [gate | up]`` (a down projection)."""
+        return swiglu_matmul(gate_up, self.kernel_weight(), self.bias, use_triton)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -9,6 +9,9 @@
 //   PREFETCH  1: the next tile's weight words are requested before this tile is computed
 //   PDL       1 (sm_90+): the weights of the first tile are requested before waiting for the previous kernel in the
 //             stream (griddepcontrol.wait), which a programmatic dependent launch lets run on meanwhile
+//   SWIGLU    1: x is [gate | up] of twice the input width, and the activations are silu(gate) * up, rounded as the
+//             SwiGLU kernel rounds them (silu in float32 rounded to 16 bits, times up rounded again): the SwiGLU of a
+//             down projection costs no launch of its own
 //   MINB      blocks per multiprocessor the compiler must leave registers for (1: as many registers as it likes;
 //             4 with 4 warps: at most 128 per thread, 16 warps resident, which may spill)
 // No header is included: the 16-bit floats live in 32-bit registers as pairs and all their arithmetic is PTX.
@@ -205,6 +208,33 @@ __device__ __forceinline__ uint4 stage_load(const unsigned short* __restrict__ x
     const int tl = rest % nt, m = rest / nt;
     const int k = (t0 + tl) * TILE_ROWS + j * 32 + chunk * 8;
     const unsigned short* xrow = x + (size_t)(m0 + m) * stride_xm;
+#if SWIGLU
+    unsigned short g[8], up[8];
+    if (!HAS_PERM && xvec && k < K) {  // K % 8 == 0, aligned rows
+        const uint4 gv = *reinterpret_cast<const uint4*>(xrow + k), uv = *reinterpret_cast<const uint4*>(xrow + K + k);
+        const unsigned gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            g[e] = (unsigned short)(gw[e >> 1] >> (16 * (e & 1)));
+            up[e] = (unsigned short)(uw[e >> 1] >> (16 * (e & 1)));
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int kk = k + e, src = kk < K ? (HAS_PERM ? perm[kk] : kk) : 0;
+            g[e] = kk < K ? xrow[src] : (unsigned short)0;
+            up[e] = kk < K ? xrow[K + src] : (unsigned short)0;
+        }
+    }
+    unsigned v[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const float gf = to_float(g[e]);
+        const unsigned short a = from_float(gf / (1.f + __expf(-gf)));
+        v[e >> 1] |= (unsigned)from_float(to_float(a) * to_float(up[e])) << (16 * (e & 1));
+    }
+    return make_uint4(v[0], v[1], v[2], v[3]);
+#else
     if (!HAS_PERM && xvec && k < K) return *reinterpret_cast<const uint4*>(xrow + k);  // K % 8 == 0, aligned rows
     unsigned v[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
@@ -214,6 +244,7 @@ __device__ __forceinline__ uint4 stage_load(const unsigned short* __restrict__ x
         v[e >> 1] |= h << (16 * (e & 1));
     }
     return make_uint4(v[0], v[1], v[2], v[3]);
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)

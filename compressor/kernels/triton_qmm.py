@@ -419,10 +419,11 @@ class Config:
 
 
 def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
-                 config: Config | None = None) -> torch.Tensor:
-    """``x [..., in] @ dequant(W) [in, out] (+ bias)`` through the fused kernel; x in float16 or bfloat16."""
+                 config: Config | None = None, swiglu: bool = False) -> torch.Tensor:
+    """``x [..., in] @ dequant(W) [in, out] (+ bias)`` through the fused kernel; x in float16 or bfloat16.
+    `swiglu` (CUDA C++ configurations only): x is [..., 2 in] = [gate | up], and the product takes silu(gate) * up."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, kw.in_features)
+    x2 = x.reshape(-1, 2 * kw.in_features if swiglu else kw.in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -432,6 +433,8 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     split = min(cfg.split_k, tiles)
     per_split = -(-tiles // split)
     split = -(-tiles // per_split)
+    if swiglu and not cfg.mma:
+        raise UnsupportedLayout(f"{cfg}: only the CUDA C++ kernel takes the SwiGLU in its staging")
     if cfg.mma:
         from . import cuda_qmm
 
@@ -441,7 +444,7 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
         return cuda_qmm.quant_matmul(x2, kw, bias, split=split, per_split=per_split, warps=cfg.num_warps,
                                      rows_per_block=cfg.block_m, prefetch=cfg.num_stages > 1,
                                      workspace=lambda sums, blocks: _workspace(x.device, sums, blocks),
-                                     min_blocks=cfg.min_blocks, pdl=cfg.pdl).view(*lead, n)
+                                     min_blocks=cfg.min_blocks, pdl=cfg.pdl, swiglu=swiglu).view(*lead, n)
     if cfg.gemv:
         return _gemv(x2, kw, bias, cfg, split, per_split).view(*lead, n)
     atomic = split > 1
