@@ -27,11 +27,11 @@ def _candidates() -> list[str]:
     major = (torch.version.cuda or "").split(".")[0]
     majors = [major] if major else []
     majors += [m for m in ("13", "12", "11") if m not in majors]
-    names += [f"libnvrtc.so.{m}" for m in majors] + ["libnvrtc.so"]
-    for base in sys.path:  # pip's CUDA wheels: nvidia/cu13/lib, nvidia/cuda_nvrtc/lib
-        for m in majors:
+    for m in majors:  # PyTorch's own CUDA major first: on the loader's path, then in pip's CUDA wheels
+        names.append(f"libnvrtc.so.{m}")
+        for base in sys.path:  # nvidia/cu13/lib, nvidia/cuda_nvrtc/lib
             names += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", f"libnvrtc.so.{m}*")))
-    return names
+    return names + ["libnvrtc.so"]
 
 
 @lru_cache(maxsize=None)
