@@ -9,13 +9,9 @@ import torch
 from torch import nn
 
 from .quant.tensor import QuantLinear
-from .sequential import computing_in
+from .sequential import StopForward, computing_in
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised at the output projection once its input is seen: the logits themselves are not needed."""
 
 
 @torch.no_grad()
@@ -47,8 +43,8 @@ def mean_squared_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int
     head = model.get_output_embeddings()
     if head is not None:  # after its statistics hook: hooks run in the order they were registered
 
-        def stop(module, args):
-            raise _Stop
+        def stop(module, args):  # its input is seen: the logits themselves are not needed
+            raise StopForward
         handles.append(head.register_forward_pre_hook(stop))
     start = time.perf_counter()
     batches = windows.split(batch_size)
@@ -57,7 +53,7 @@ def mean_squared_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int
             try:
                 with computing_in(device, compute_dtype):
                     model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
             elapsed = time.perf_counter() - start
             log.info("importance matrix: batch %d/%d, elapsed %.0fs, ETA %.0fs", i + 1, len(batches), elapsed,

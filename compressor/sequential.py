@@ -127,7 +127,7 @@ class HessianAccumulator:
         return s.mul_(2.0 / self.rows)
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once what it needs has been seen."""
 
 
@@ -359,7 +359,7 @@ def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tens
                 raise RuntimeError(f"the model gave block 0 inputs of shape {tuple(hidden.shape)} for calibration "
                                    f"batch {len(captured.hidden.shapes) + 1}; the runner expects one row per token")
             if index == len(layers) - 1:
-                raise _Stop
+                raise StopForward
         return hook
 
     handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -370,7 +370,7 @@ def _capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tens
             for batch in batches:
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
     finally:
         for h in handles:
@@ -674,7 +674,7 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
         acc.add(args[0])
         if tail_inputs is not None and fits[0]:
             fits[0] = tail_inputs.append(args[0])
-        raise _Stop
+        raise StopForward
 
     def record(mod, args, kwargs):
         calls[-1].append((args, kwargs))
@@ -694,7 +694,7 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
                     calls.append([])
                     try:
                         child(*a, **kw)
-                    except _Stop:
+                    except StopForward:
                         pass
             else:
                 del resume
@@ -704,7 +704,7 @@ def _process_group(block: nn.Module, prefix: str, names: list[str], captured: _C
                         calls.append([])
                         try:
                             block(h, **kw)
-                        except _Stop:
+                        except StopForward:
                             pass
     finally:
         for h in handles:
@@ -750,7 +750,7 @@ def _tail_outputs(block: nn.Module, linear_name: str, child_name: str, rows: _Ro
 
         def grab(mod, args, result):
             out.append(_output(result))
-            raise _Stop
+            raise StopForward
 
         handle = child.register_forward_hook(grab)
         try:
@@ -759,7 +759,7 @@ def _tail_outputs(block: nn.Module, linear_name: str, child_name: str, rows: _Ro
                     cursor[0] = i
                     try:
                         block(captured.hidden[i], **captured.kwargs[index][i])
-                    except _Stop:
+                    except StopForward:
                         pass
                     if len(out) != 1 or not rows.append(out.pop()):
                         return False
