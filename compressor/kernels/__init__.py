@@ -36,10 +36,10 @@ def swiglu_matmul(gate_up: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | 
     from .fused_ops import silu_mul
 
     if gate_up.is_cuda and gate_up.dtype in (torch.float16, torch.bfloat16) and triton_available():
-        from . import cuda_qmm, triton_qmm
+        from . import triton_qmm
 
         cfg = triton_qmm.tuned_config(gate_up.numel() // gate_up.shape[-1], kw, gate_up.dtype)
-        if cfg.mma and cuda_qmm.applies(kw, gate_up.dtype):
+        if cfg.mma:  # the tuner keeps only configurations that ran on this weight and device
             return triton_qmm.quant_matmul(gate_up, kw, bias, config=cfg, swiglu=True)
     a = silu_mul(gate_up.reshape(-1, gate_up.shape[-1]), use_triton and triton_available())
     return quant_matmul(a.view(*gate_up.shape[:-1], -1), kw, bias)

@@ -28,7 +28,7 @@ def applies(kw: KernelWeight, dtype: torch.dtype) -> bool:
 
     dev = kw.qweight.device
     return (kw.bits == 4 and dtype in (torch.float16, torch.bfloat16) and kw.scales.dtype == dtype
-            and kw.out_features % 8 == 0 and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)
+            and kw.out_features % 8 == 0 and dev.type == "cuda" and _device(_index(dev))[0] >= (8, 0)
             and nvrtc.available())
 
 
@@ -44,19 +44,26 @@ def defines(dtype: torch.dtype, rows_per_block: int, warps: int, gslabs: int, pe
             "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks, "PDL": pdl, "SWIGLU": swiglu}
 
 
+def _index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
+@lru_cache(maxsize=None)
+def _device(index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, dynamic shared memory a block may have) of a device, read once: calls are per launch."""
+    props = torch.cuda.get_device_properties(index)
+    shared = int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)) - 64  # the kernel's static `last`
+    return (props.major, props.minor), shared
+
+
 @lru_cache(maxsize=None)
 def _kernel(device: int, key: tuple):
     from . import nvrtc
 
-    major, minor = torch.cuda.get_device_capability(device)
+    (major, minor), shared = _device(device)
     cubin, _ = nvrtc.compile_cubin(SOURCE.read_text(), "qmm_mma", major * 10 + minor, dict(key))
     with torch.cuda.device(device):
-        return nvrtc.Kernel(cubin, "qmm_mma", _shared_limit(device))
-
-
-def _shared_limit(device: int) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)) - 64  # the kernel's static `last`
+        return nvrtc.Kernel(cubin, "qmm_mma", shared)
 
 
 def shared_bytes(m: int, tiles_per_split: int, rows_per_block: int, warps: int) -> int:
@@ -81,11 +88,12 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
         raise ValueError("the kernel reads 16-byte words and 8-byte scale groups: qweight, scales and zeros must be "
                          "aligned to them")
     smem = shared_bytes(m, per_split, rows_per_block, warps)
-    if smem > _shared_limit(dev.index or 0):
+    capability, shared = _device(_index(dev))
+    if smem > shared:
         raise ValueError(f"{smem} bytes of shared memory: more than the device allows (split the input further)")
     key = tuple(sorted(defines(x2.dtype, rows_per_block, warps, group_slabs(kw), kw.perm is not None,
                                prefetch, min_blocks, pdl, swiglu).items()))
-    kernel = _kernel(dev.index if dev.index is not None else torch.cuda.current_device(), key)
+    kernel = _kernel(_index(dev), key)
     out = torch.empty(m, n, dtype=x2.dtype, device=dev)
     col_blocks, m_blocks = -(-n // BLOCK_COLUMNS), -(-m // rows_per_block)
     ws, count = workspace(m * n, m_blocks * col_blocks) if split > 1 else (out, kw.qweight)
@@ -98,7 +106,7 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
             ptr(bias if bias is not None else kw.scales), ptr(out), ptr(ws), ptr(count)]
     args += [ctypes.c_int(v) for v in (m, n, k, kw.scales.shape[0], per_split, x2.stride(0), out.stride(0),
                                        bias is not None, xvec)]
-    if pdl and torch.cuda.get_device_capability(dev) < (9, 0):
+    if pdl and capability < (9, 0):
         raise ValueError("programmatic dependent launch needs compute capability 9.0")
     kernel((col_blocks, split, m_blocks), warps * 32, smem, args, pdl=pdl)
     return out
