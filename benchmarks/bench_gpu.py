@@ -105,10 +105,12 @@ def main() -> int:
     return 0
 
 
-CANARY = """
+CANARY_IMPORTS = """
 import torch
 from compressor.kernels import pack_for_kernel, reference, triton_qmm
 from compressor.quant.tensor import quantize_rtn
+"""
+CANARY = CANARY_IMPORTS + """
 worst = 0.0
 for dtype in (torch.float16, torch.bfloat16):
     for m, gs, split in ((1, 128, 1), (1, 128, 4), (13, 32, 3), (40, -1, 2)):
@@ -131,7 +133,7 @@ print("worst relative error", worst)
 assert worst < 1.5e-2, worst
 """
 # A programmatic dependent launch, eagerly and captured in a CUDA graph, after the plain launches passed.
-CANARY_PDL = CANARY.split("worst = 0.0")[0] + """
+CANARY_PDL = CANARY_IMPORTS + """
 qt = quantize_rtn(torch.randn(1024, 2048), 4, 128, symmetric=False)
 kw = pack_for_kernel(qt, torch.float16).to("cuda")
 x = torch.randn(1, 2048, device="cuda", dtype=torch.float16)
@@ -153,9 +155,8 @@ def cuda_kernel_canary() -> dict:
     """Run the CUDA C++ kernel once in a child process: a fault there (a sticky CUDA error would end this process's
     use of the GPU) or a wrong result turns its candidates off here (COMPRESSOR_CUDA_KERNELS=0) instead of costing
     the run."""
-    import subprocess
-
     import shutil
+    import subprocess
 
     def child(code: str, wrapper: list[str] = (), timeout: int = 120) -> tuple[bool, str]:
         try:
