@@ -11,7 +11,9 @@
 4. End-to-end batch-1 decode of a ~1.1B-parameter Llama-shaped model (random weights; hidden 2048, MLP 8192,
    16 layers, 32 heads / 8 KV heads, vocabulary 32000): fp16, 4-bit (g128, all decoder projections; embedding and
    head stay fp16) and 2:4 sparse, each as one CUDA graph per step (compressor.evaluate.static_decode), plus
-   prefill tokens/s of 512 tokens through the model's forward.
+   prefill tokens/s of 512 tokens through the model's forward. The decode attention kernel is checked against SDPA
+   first, and the 4-bit model is timed with it and with SDPA (the same run's A/B); the fp16 and 4-bit steps are
+   broken down by kernel (profiler).
 
     python benchmarks/bench_gpu.py [--out DIR] [--budget-s 400]
     python benchmarks/bench_gpu.py --cpu-check     # the same code paths on tiny shapes, on the CPU (Triton interpreter)
@@ -463,6 +465,35 @@ def step_breakdown(torch, dec, steps: int = 8, top: int = 14) -> list[dict]:
     return [{"kernel": "all kernels", "us_per_step": round(total, 1), "launches_per_step": launches}] + rows[:top]
 
 
+def attention_check(torch, dev: str, dtype, max_len: int) -> bool | str:
+    """The decode attention kernel against PyTorch's rotation and SDPA on the 1B model's shapes (one program per
+    head and split over the cache): True, or why not."""
+    from compressor.kernels import fused_ops
+
+    heads, kv_heads, d = 32, 8, 64
+    try:
+        cos, sin = (torch.randn(max_len, d, device=dev).to(dtype) for _ in range(2))
+        cache = [torch.randn(1, kv_heads, max_len, d, device=dev).to(dtype) for _ in range(2)]
+        for p in (0, max_len * 2 // 5, max_len - 1):
+            for chunk in (fused_ops.ATTENTION_CHUNK, max_len // 4):  # one program per head; four splits
+                qkv = torch.randn(1, (heads + 2 * kv_heads) * d, device=dev).to(dtype)
+                pos = torch.tensor([p], device=dev)
+                want_c, got_c = [c.clone() for c in cache], [c.clone() for c in cache]
+                want = fused_ops.decode_attention(qkv, cos, sin, pos, *want_c, heads, kv_heads, False).float()
+                got = fused_ops.decode_attention(qkv, cos, sin, pos, *got_c, heads, kv_heads, True, chunk).float()
+                err = float((got - want).abs().max() / want.abs().max())
+                cerr = max(float((g - w).abs().max()) for g, w in zip(got_c, want_c))
+                if not err < 1e-2 or not cerr < 1e-2:
+                    return f"wrong at position {p}, chunk {chunk}: rel err {err:.2e}, cache err {cerr:.2e}"
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        log("decode attention kernel: matches SDPA")
+        return True
+    except Exception as e:  # a kernel that does not compile or faults: measured without it instead
+        log(f"decode attention kernel failed: {e!r}"[:300])
+        return repr(e)[:300]
+
+
 def decode(torch, cuda, results, deadline, store) -> None:
     from compressor.evaluate.static_decode import StaticDecoder
 
@@ -476,10 +507,17 @@ def decode(torch, cuda, results, deadline, store) -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    def measure(name: str, model, graph: bool, fused: bool, transform=None, profile: bool = False) -> StaticDecoder:
+    # The decode attention kernel (RoPE, cache write and attention in one launch) checked on this GPU first: if it
+    # fails, the fused variants fall back to PyTorch's rotation and SDPA, and the row says so.
+    attention_ok = attention_check(torch, dev, dtype, max_len)
+    out["attention_kernel"] = attention_ok
+
+    def measure(name: str, model, graph: bool, fused: bool, transform=None, profile: bool = False,
+                fused_attention: bool | None = None) -> StaticDecoder:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        dec = StaticDecoder(model, max_len=max_len, fused=fused)
+        attn = fused and attention_ok is True if fused_attention is None else fused_attention
+        dec = StaticDecoder(model, max_len=max_len, fused=fused, fused_attention=attn)
         if transform is not None:
             dec.map_linears(transform)
         dec.reset(1, prompt)
@@ -523,7 +561,8 @@ def decode(torch, cuda, results, deadline, store) -> None:
             del os.environ["COMPRESSOR_KERNEL_TUNING"]
             note = (note + " " if note else "") + "prefill: default kernel configurations"
         row = {"ms_per_token": statistics.median(ms), "graph": dec.graph is not None,
-               "fused_elementwise": dec.fused, "prefill_tokens_per_s": ids.shape[1] / statistics.median(pre),
+               "fused_elementwise": dec.fused, "attention": "kernel" if dec.fused_attention else "sdpa",
+               "prefill_tokens_per_s": ids.shape[1] / statistics.median(pre),
                "weights_mb": weight_bytes(model) / 1e6,
                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else None}
         if note:
@@ -538,16 +577,18 @@ def decode(torch, cuda, results, deadline, store) -> None:
     model = llama_1b(torch, cuda)
     out["parameters"] = sum(p.numel() for p in model.parameters())
     log(f"model: {out['parameters'] / 1e9:.2f}B parameters")
-    measure("fp16 (torch elementwise)", model, graph=True, fused=False)
+    measure("fp16 (torch elementwise)", model, graph=True, fused=False, profile=True)
     fp16 = measure("fp16", model, graph=True, fused=cuda, profile=True)
     del fp16
     qmodel = model
     del model
     quantize_decoder_layers(torch, qmodel, 4, 128, dtype)
     twin = dequantized_copy(torch, qmodel)
+    if attention_ok is True:  # the same run's A/B of the attention kernel against PyTorch's rotation and SDPA
+        measure("int4 g128 (ours), SDPA attention", qmodel, graph=True, fused=cuda, fused_attention=False)
     q = measure("int4 g128 (ours)", qmodel, graph=True, fused=cuda, profile=True)
     # Correctness end to end: the fused 4-bit decoder against the same weights dequantized into nn.Linear.
-    ref = StaticDecoder(twin, max_len=max_len, fused=cuda)
+    ref = StaticDecoder(twin, max_len=max_len, fused=cuda, fused_attention=q.fused_attention)
     errs = []
     for dec in (q, ref):
         dec.graph = None
@@ -629,12 +670,13 @@ def summary(results: dict) -> str:
     if d.get("variants"):
         lines += [f"Decode, {d.get('parameters', 0) / 1e9:.2f}B Llama-shaped, batch 1, prompt {d['prompt']}, "
                   f"{d['steps']} steps:",
-                  "| variant | ms/token | speedup | prefill tok/s | weights MB | peak MB | note |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| variant | ms/token | speedup | attention | prefill tok/s | weights MB | peak MB | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in d["variants"].items():
             sp = f"{r['decode_speedup']:.2f}x" if r.get("decode_speedup") else "-"
             peak = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") else "-"
-            lines.append(f"| {name} | {r['ms_per_token']:.3f} | {sp} | {r['prefill_tokens_per_s']:.0f} | "
+            lines.append(f"| {name} | {r['ms_per_token']:.3f} | {sp} | {r.get('attention', '-')} | "
+                         f"{r['prefill_tokens_per_s']:.0f} | "
                          f"{r['weights_mb']:.0f} | {peak} | {r.get('note', '')} |")
         for name, r in d["variants"].items():
             if r.get("step_breakdown"):
@@ -643,6 +685,8 @@ def summary(results: dict) -> str:
                           "| kernel | µs per step | launches per step |", "| --- | --- | --- |"]
                 lines += [f"| {b.get('kernel', b.get('error'))} | {b.get('us_per_step', '')} | "
                           f"{b.get('launches_per_step', '')} |" for b in r["step_breakdown"]]
+        if d.get("attention_kernel") is not True:
+            lines.append(f"\ndecode attention kernel not used: {d.get('attention_kernel')}")
         if "int4_vs_dequantized_rel_err" in d:
             lines.append(f"\nint4 decoder vs its dequantized fp16 twin: max rel err of logits "
                          f"{d['int4_vs_dequantized_rel_err']:.1e}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..kernels import fused_ops, triton_available
 from ..kernels.module import FusedQuantLinear
@@ -62,7 +61,8 @@ class _Concat(nn.Module):
 class StaticDecoder:
     """Greedy decoding through `model` from position `start`; `step()` computes one token and advances."""
 
-    def __init__(self, model: nn.Module, max_len: int, fused: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int, fused: bool | None = None,
+                 fused_attention: bool | None = None) -> None:
         cfg = model.config
         if cfg.model_type not in ARCHITECTURES:
             raise UnsupportedModel(f"{cfg.model_type!r}: the static decoder runs {ARCHITECTURES}")
@@ -77,6 +77,8 @@ class StaticDecoder:
         w = self.embed.weight
         self.device, self.dtype = w.device, w.dtype
         self.fused = (w.is_cuda and triton_available()) if fused is None else fused
+        # Attention as one Triton kernel (RoPE, cache writes, attention), or the rotation in PyTorch and SDPA.
+        self.fused_attention = self.fused if fused_attention is None else fused_attention
         self.blocks = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
@@ -112,16 +114,13 @@ class StaticDecoder:
     def step(self) -> torch.Tensor:
         """Logits [1, vocab] for `tokens` at `pos`; then tokens = argmax, pos += 1 (all on the device)."""
         h = self.embed(self.tokens)
-        mask = (self.positions <= self.pos).view(1, 1, 1, -1)
-        group = self.heads // self.kv_heads
+        mask = None if self.fused_attention else self.positions <= self.pos
         r = fused_ops.add_rmsnorm(h, None, self.blocks[0]["ln1"], self.eps, self.fused)
         for i, b in enumerate(self.blocks):
-            q = fused_ops.rope_and_cache(b["qkv"](r), self.cos, self.sin, self.pos, self.k_cache[i],
-                                         self.v_cache[i], self.heads, self.kv_heads, self.fused)
-            # The query heads that share a key/value head become that head's queries: plain attention, no GQA.
-            attn = F.scaled_dot_product_attention(q.reshape(1, self.kv_heads, group, self.head_dim),
-                                                  self.k_cache[i], self.v_cache[i], attn_mask=mask)
-            r = fused_ops.add_rmsnorm(h, b["o"](attn.reshape(1, -1)), b["ln2"], self.eps, self.fused)
+            attn = fused_ops.decode_attention(b["qkv"](r), self.cos, self.sin, self.pos, self.k_cache[i],
+                                              self.v_cache[i], self.heads, self.kv_heads, self.fused_attention,
+                                              mask=mask)
+            r = fused_ops.add_rmsnorm(h, b["o"](attn), b["ln2"], self.eps, self.fused)
             gate_up, down = b["gate_up"](r), b["down"]
             if isinstance(down, FusedQuantLinear):  # the SwiGLU may run inside the down projection's kernel
                 delta = down.forward_swiglu(gate_up, self.fused)
