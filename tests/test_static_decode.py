@@ -112,47 +112,120 @@ def test_decode_attention_kernel_matches_the_reference(heads, kv_heads, d, chunk
         assert err < tol, (p, err)
 
 
-COMPILE_ATTENTION = """
-import re, subprocess, sys, tempfile
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a GPU of compute capability 9.0+")
+def test_programmatic_dependent_launch_changes_no_bit_of_a_captured_decode(monkeypatch):
+    """GPU only. A 4-bit decoder's steps as CUDA graphs, its kernels launched as programmatic dependent launches or
+    plainly (COMPRESSOR_CUDA_PDL=0). A read before the previous kernel's write (a missing wait) would read another
+    step's or layer's values; split-K's atomic sums differ only in their last bits."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=32)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, torch.nn.Linear) and "layers" in name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantLinear(quantize_rtn(m.weight.detach(), 4, 64, False)))
+    model = model.half().cuda()
+    assert not use_fused_kernels(model, torch.float16)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("COMPRESSOR_CUDA_PDL", flag)
+        dec = StaticDecoder(model, max_len=600, fused=True)  # 600 positions: the attention splits over the cache
+        dec.reset(7, 0)
+        dec.capture()
+        dec.reset(7, 0)
+        runs.append(torch.stack([dec.run(1).clone() for _ in range(16)]))
+    assert runs[0].isfinite().all()
+    err = (runs[0].float() - runs[1].float()).norm(dim=-1) / runs[1].float().norm(dim=-1)
+    assert err.max() < 1e-2, err
+
+
+COMPILE = """
+import json, re, subprocess, sys, tempfile
 from pathlib import Path
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
-from compressor.kernels import fused_ops
+from compressor.kernels import fused_ops, triton_qmm
+from compressor.kernels.layout import SUB
 
 tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def build(name, fn, sig, consts, arch, warps=4, stages=3):  # as launched: Triton's default stages, or the GEMV's
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    pdl = bool(consts.get("PDL"))
+    kernel = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    ptx = kernel.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    print(json.dumps({"name": name, "arch": arch, "pdl": pdl, "spills": re.findall(r"(?:STACK|LOCAL):(\\d+)", usage),
+                      "wait": wait >= 0, "release": "griddepcontrol.launch_dependents" in ptx,
+                      "loads_before_wait": ptx[:wait].count("ld.global") if wait >= 0 else None,
+                      "loads": ptx.count("ld.global")}))
+
+
 for arch in (80, 90):
-    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    pdl = arch >= 90
+    for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        p = "*" + ty
         for heads, kv_heads, d, t in ((32, 8, 64, 512), (32, 8, 128, 4096), (14, 2, 64, 32768)):
             splits, chunk, consts = fused_ops.attention_constants(heads, kv_heads, d, t, dtype)
-            p = "*" + name
-            sig = dict(qkv_ptr=p, cos_ptr=p, sin_ptr=p, pos_ptr="*i64", kc_ptr=p, vc_ptr=p, out_ptr=p,
-                       part_ptr="*fp32", stat_ptr="*fp32", stride_row="i32", T="i32", chunk="i32", scale="fp32")
-            sig.update({k: "constexpr" for k in consts})
-            kernel = triton_compile(ASTSource(fn=fused_ops._decode_attention_kernel, signature=sig, constexprs=consts),
-                                    target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(kernel.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-            print(arch, name, heads, kv_heads, d, splits, " ".join(re.findall(r"(?:REG|STACK|LOCAL):\\d+", usage)))
+            build(f"attention {ty} {heads}/{kv_heads}x{d} T{t}", fused_ops._decode_attention_kernel,
+                  dict(qkv_ptr=p, cos_ptr=p, sin_ptr=p, pos_ptr="*i64", kc_ptr=p, vc_ptr=p, out_ptr=p,
+                       part_ptr="*fp32", stat_ptr="*fp32", stride_row="i32", T="i32", chunk="i32", scale="fp32"),
+                  dict(consts, PDL=pdl), arch)
+        build(f"combine {ty}", fused_ops._attention_combine_kernel, dict(part_ptr="*fp32", stat_ptr="*fp32", out_ptr=p),
+              dict(D=128, DP=128, SPLITS=8, SP=8, PDL=pdl), arch)
+        build(f"add_rmsnorm {ty}", fused_ops._add_rmsnorm_kernel,
+              dict(h_ptr=p, d_ptr=p, w_ptr=p, out_ptr=p, H="i32", eps="fp32"),
+              dict(HAS_DELTA=True, BLOCK=4096, PDL=pdl), arch)
+        build(f"silu_mul {ty}", fused_ops._silu_mul_kernel, dict(gu_ptr=p, out_ptr=p, inter="i32"),
+              dict(BLOCK=1024, PDL=pdl), arch)
+        if dtype != torch.float32:
+            for split in (1, 4):
+                build(f"gemv {ty} split {split}", triton_qmm._gemv_kernel,
+                      dict(x_ptr=p, w_ptr="*i32", s_ptr=p, z_ptr=p, perm_ptr="*i32", bias_ptr=p, out_ptr=p,
+                           ws_ptr="*fp32", count_ptr="*i32", M="i32", N="i32", K="i32", tiles_per_split="i32",
+                           stride_xm="i32", stride_om="i32"),
+                      dict(group_size=128, BITS=4, SUBR=SUB, BLOCK_N=32, GROUP_SLABS=triton_qmm.slabs_per_group(4, 128),
+                           EVEN_K=True, HAS_PERM=False, HAS_BIAS=False, SPLIT=split,
+                           HALF2=triton_qmm.two_codes_possible(4, dtype), ASM=True, PDL=pdl), arch, warps=2, stages=1)
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_decode_attention_compiles_for_ampere_and_hopper_without_spilling():
-    """Compiled for sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed), as the decoder would launch it for
-    1B, 8B and long-context shapes: no register spills (a stack frame or local memory would mean spills)."""
+def test_decode_kernels_compile_for_ampere_and_hopper_without_spilling_and_wait_before_reading():
+    """The Triton kernels of a decode step compiled for sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed):
+    the attention as the decoder would launch it for 1B, 8B and long-context shapes, the norms, the SwiGLU and the
+    4-bit GEMV. No register spills (a stack frame or local memory). On sm_90 they are programmatic dependent
+    launches: each waits for the previous kernel (griddepcontrol.wait) and then lets the next one launch; only the
+    GEMV (its first weights) and the RMSNorm (its norm weights) load anything before the wait."""
+    import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter cannot compile
-    done = subprocess.run([sys.executable, "-c", COMPILE_ATTENTION], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    done = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 18, done.stdout
-    for line in lines:
-        assert "REG:" in line and "STACK:0" in line and "LOCAL:0" in line, line
+    rows = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert len(rows) == 2 * (3 * 6 + 2 * 2), done.stdout
+    for r in rows:
+        assert r["spills"] and set(r["spills"]) == {"0"}, r
+        assert r["wait"] == r["release"] == r["pdl"], r
+        if r["pdl"]:
+            kind, before = r["name"].split()[0], r["loads_before_wait"]
+            if kind == "add_rmsnorm":  # of its three equal loads (norm weight, residual, delta) only the weight
+                assert 3 * before == r["loads"], r
+            elif kind == "gemv":  # the first tile's words (32 x 32 over 64 threads: 16 each), nothing else
+                assert 1 <= before <= 16 < r["loads"], r
+            else:
+                assert before == 0, r

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .layout import SUB, KernelWeight
+from .pdl import allowed as pdl_allowed
 
 SOURCE = Path(__file__).with_name("qmm_mma.cu")
 BLOCK_COLUMNS = 32  # output columns per block
@@ -108,5 +109,6 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
                                        bias is not None, xvec)]
     if pdl and capability < (9, 0):
         raise ValueError("programmatic dependent launch needs compute capability 9.0")
-    kernel((col_blocks, split, m_blocks), warps * 32, smem, args, pdl=pdl)
+    # A PDL variant launched plainly (COMPRESSOR_CUDA_PDL=0 after tuning) is correct: its wait returns at once.
+    kernel((col_blocks, split, m_blocks), warps * 32, smem, args, pdl=pdl and pdl_allowed(dev))
     return out

@@ -15,33 +15,37 @@ if importlib.util.find_spec("triton") is not None:
     import triton
     import triton.language as tl
 
+    from . import pdl
+
     @triton.jit
-    def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         mask = offs < H
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        row = tl.program_id(0) + pdl.wait(PDL)
         h = tl.load(h_ptr + row * H + offs, mask=mask, other=0.0)
         if HAS_DELTA:
             h = h + tl.load(d_ptr + row * H + offs, mask=mask, other=0.0)
             tl.store(h_ptr + row * H + offs, h, mask=mask)
         x = h.to(tl.float32)
         r = x * tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         tl.store(out_ptr + row * H + offs, w * r.to(h.dtype), mask=mask)
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, part_ptr, stat_ptr,
                                  stride_row, T, chunk, scale, NH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
                                  DP: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
-                                 PRECISION: tl.constexpr):
+                                 PRECISION: tl.constexpr, PDL: tl.constexpr):
         # One program: one key/value head (with the G query heads that share it) over `chunk` cached positions.
-        bk = tl.program_id(0)  # b * KVH + kv: also the cache's [B, KVH] row
+        zero = pdl.wait(PDL)
+        bk = tl.program_id(0) + zero  # b * KVH + kv: also the cache's [B, KVH] row
         split = tl.program_id(1)
         b = bk // KVH
         kv = bk % KVH
         G: tl.constexpr = NH // KVH
         HALF: tl.constexpr = D // 2
-        pos = tl.load(pos_ptr).to(tl.int32)
+        pos = tl.load(pos_ptr + zero).to(tl.int32)
         d = tl.arange(0, DP)
         dmask = d < D
         # RoPE as x * cos + rotate_half(x) * sin, rotate_half read as a second load at the partner index.
@@ -105,8 +109,8 @@ if importlib.util.find_spec("triton") is not None:
 
     @triton.jit
     def _attention_combine_kernel(part_ptr, stat_ptr, out_ptr, D: tl.constexpr, DP: tl.constexpr,
-                                  SPLITS: tl.constexpr, SP: tl.constexpr):
-        bh = tl.program_id(0)  # b * NH + head
+                                  SPLITS: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+        bh = tl.program_id(0) + pdl.wait(PDL)  # b * NH + head
         sp = tl.arange(0, SP)
         d = tl.arange(0, DP)
         slot = bh * SPLITS + sp
@@ -119,8 +123,8 @@ if importlib.util.find_spec("triton") is not None:
         tl.store(out_ptr + bh * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        row = tl.program_id(0) + pdl.wait(PDL)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < inter
         g = tl.load(gu_ptr + row * 2 * inter + offs, mask=mask, other=0.0).to(tl.float32)
@@ -139,8 +143,10 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
     rows, hidden = h.shape
     out = torch.empty_like(h)
+    on = pdl.allowed(h.device)
     _add_rmsnorm_kernel[(rows,)](h, delta if delta is not None else h, weight, out, hidden, eps,
-                                 HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(hidden))
+                                 HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(hidden), PDL=on,
+                                 launch_pdl=on)
     return out
 
 
@@ -196,6 +202,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(1) == 1):
         raise ValueError("decode_attention needs contiguous caches and qkv rows")
     splits, chunk, consts = attention_constants(heads, kv_heads, d, t, qkv.dtype, chunk)
+    on = pdl.allowed(qkv.device)
     dp = consts["DP"]
     out = torch.empty(b, heads * d, dtype=qkv.dtype, device=qkv.device)
     part = stat = out
@@ -203,10 +210,11 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
         part = torch.empty(b * heads * splits, dp, dtype=torch.float32, device=qkv.device)
         stat = torch.empty(b * heads * splits, 2, dtype=torch.float32, device=qkv.device)
     _decode_attention_kernel[(b * kv_heads, splits)](
-        qkv, cos, sin, pos, k_cache, v_cache, out, part, stat, qkv.stride(0), t, chunk, d ** -0.5, **consts)
+        qkv, cos, sin, pos, k_cache, v_cache, out, part, stat, qkv.stride(0), t, chunk, d ** -0.5, **consts,
+        PDL=on, launch_pdl=on)
     if splits > 1:
         _attention_combine_kernel[(b * heads,)](part, stat, out, D=d, DP=dp, SPLITS=splits,
-                                                SP=triton.next_power_of_2(splits))
+                                                SP=triton.next_power_of_2(splits), PDL=on, launch_pdl=on)
     return out
 
 
@@ -219,5 +227,6 @@ def silu_mul(gate_up: torch.Tensor, use_triton: bool) -> torch.Tensor:
         return F.silu(g) * u
     out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
+    on = pdl.allowed(gate_up.device)
+    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, PDL=on, launch_pdl=on)
     return out

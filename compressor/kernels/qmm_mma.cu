@@ -8,7 +8,8 @@
 //   HAS_PERM  1: packed row k reads activation column perm[k] (activation order)
 //   PREFETCH  1: the next tile's weight words are requested before this tile is computed
 //   PDL       1 (sm_90+): the weights of the first tile are requested before waiting for the previous kernel in the
-//             stream (griddepcontrol.wait), which a programmatic dependent launch lets run on meanwhile
+//             stream (griddepcontrol.wait), which a programmatic dependent launch lets run on meanwhile; after the
+//             wait the next kernel may launch (compressor/kernels/pdl.py)
 //   SWIGLU    1: x is [gate | up] of twice the input width, and the activations are silu(gate) * up, rounded as the
 //             SwiGLU kernel rounds them (silu in float32 rounded to 16 bits, times up rounded again): the SwiGLU of a
 //             down projection costs no launch of its own
@@ -270,8 +271,10 @@ qmm_mma(const unsigned short* __restrict__ x, const unsigned* __restrict__ w, co
     load_words(wa, w, t0 + warp, col_ok && t0 + warp < t1, t, col, N);
     load_groups(ga, s, z, t0 + warp, col_ok && t0 + warp < t1, groups, col, N);
 #if PDL
-    // Nothing above reads what the previous kernel writes, and nothing is written before this point.
+    // Nothing above reads what the previous kernel writes, and nothing is written before this point. Then the next
+    // kernel may launch: it waits in its turn before touching what this one writes.
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 
     // Stage the activations of the block's tiles: entry (packed row p, activation row m) holds the 8 values that

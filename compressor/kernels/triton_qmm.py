@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import pdl, reference
 from .layout import SUB, KernelWeight, UnsupportedLayout
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
                  M, N, K, group_size: tl.constexpr, tiles_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
                  EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 HALF2: tl.constexpr, ASM: tl.constexpr):
+                 HALF2: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """One row of activations times the weights on the CUDA cores, in float32: the decode case.
 
     A tensor-core product pads a batch of 1 to 16 rows and rearranges its operand through shared memory; here each
@@ -342,6 +342,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     With SPLIT > 1 the programs of one column block add their partial sums into the float32 workspace `ws`; the last
     one to finish (counted in `count`) takes the total, resetting `ws` and `count` to zero for the next call, and
     writes the output: no zero-fill or cast kernel around the launch.
+
+    PDL (a programmatic dependent launch, see pdl.py): the first tile's words are requested before waiting for the
+    kernel that wrote the activations.
     """
     PACK: tl.constexpr = 32 // BITS
     pid_m = tl.program_id(0)  # fastest: the rows of a batch share each block of weights while it is in L2
@@ -354,11 +357,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     t_start = pid_k * tiles_per_split
     acc = tl.zeros((SUBR, BLOCK_N), dtype=tl.float32)
     w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
-    x_row = x_ptr + pid_m * stride_xm
     # The next tile's words are requested before this tile is computed, so a load is always in flight (Triton's
     # own software pipeline, num_stages, was measured no faster on the H200).
     words_next = tl.load(w_ptrs + t_start * SUBR * N,
                          mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :], other=0)
+    pid_m += pdl.wait(PDL)  # every activation, output and workspace address depends on pid_m
+    x_row = x_ptr + pid_m * stride_xm
     for i in range(0, tiles_per_split):
         t = t_start + i
         words = words_next
@@ -497,6 +501,7 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     blocks = triton.cdiv(n, cfg.block_n)
     ws, count = _workspace(x2.device, m * n, m * blocks) if split > 1 else (out, kw.qweight)
+    on = pdl.allowed(x2.device)
     _gemv_kernel[(m, blocks, split)](
         x2, kw.qweight, kw.scales, kw.zeros, kw.perm if kw.perm is not None else kw.qweight,
         bias if bias is not None else kw.scales, out, ws, count,
@@ -505,8 +510,8 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw),
         EVEN_K=k % kw.rows_per_tile == 0 and (k // kw.rows_per_tile) % per_split == 0,
         HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=x2.is_cuda,
-        num_warps=cfg.num_warps, num_stages=1)
+        HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=x2.is_cuda, PDL=on,
+        num_warps=cfg.num_warps, num_stages=1, launch_pdl=on)
     return out
 
 
