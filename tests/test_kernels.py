@@ -89,7 +89,8 @@ CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, C
     "wide-split": (64, 64, 2, 4, 3, True), "slabs": (16, 64, 3, 4, 3, False),
     "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True),
     "gemv-narrow": (1, 16, 2, 1, 1, True, True), "gemv-fp32": (1, 32, 2, 2, 1, True, True, False),
-    "wide-fp16": (32, 64, 2, 4, 3, True, False, False)}
+    "wide-fp16": (32, 64, 2, 4, 3, True, False, False),
+    "dense": dict(block_m=0, block_n=64, split_k=1, num_stages=1, dense=True)}  # dequantize, then one product
 
 
 @needs_triton
@@ -100,10 +101,12 @@ CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, C
 def test_kernel_matches_reference(bits, group_size, act_order, config, dtype):
     from compressor.kernels.triton_qmm import Config
 
+    c = CONFIGS[config]
+    cfg = Config(**c) if isinstance(c, dict) else Config(*c)
     # Shapes that are not multiples of the blocks: masked rows, columns and a partial last tile.
-    for m in (1, 5) if CONFIGS[config][0] in (1, 16) else (3, 70):
-        _kernel_case(bits, group_size, act_order, m, 448 if group_size != 128 else 640, 72, dtype,
-                     Config(*CONFIGS[config]), seed=bits * 7 + m)
+    for m in (1, 5) if cfg.block_m in (1, 16) else (3, 70):
+        _kernel_case(bits, group_size, act_order, m, 448 if group_size != 128 else 640, 72, dtype, cfg,
+                     seed=bits * 7 + m)
 
 
 @needs_triton

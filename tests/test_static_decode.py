@@ -110,6 +110,12 @@ def test_decode_attention_kernel_matches_the_reference(heads, kv_heads, d, chunk
         assert not torch.equal(want_k[:, :, p], caches[0][:, :, p])  # the step's key did reach the cache
         err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
         assert err < tol, (p, err)
+    # A position past the cache (the caller's error) writes nothing outside it.
+    big = torch.full((2, kv_heads, t + 8, d), 7.0, dtype=dtype, device=device)
+    big_k, big_v = big[:, :, :t].contiguous(), big[:, :, :t].contiguous()
+    fused_ops.decode_attention(qkv, cos, sin, torch.tensor([t + 3], device=device), big_k, big_v, heads, kv_heads,
+                               True, chunk)
+    assert (big_k == 7).all() and (big_v == 7).all()
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0),
@@ -196,16 +202,20 @@ for arch in (80, 90):
                       dict(group_size=128, BITS=4, SUBR=SUB, BLOCK_N=32, GROUP_SLABS=triton_qmm.slabs_per_group(4, 128),
                            EVEN_K=True, HAS_PERM=False, HAS_BIAS=False, SPLIT=split,
                            HALF2=triton_qmm.two_codes_possible(4, dtype), ASM=True, PDL=pdl), arch, warps=2, stages=1)
+            build(f"dequant {ty}", triton_qmm._dequant_kernel,
+                  dict(w_ptr="*i32", s_ptr=p, z_ptr=p, out_ptr=p, N="i32", K="i32", group_size="i32"),
+                  dict(BITS=4, SUBR=SUB, BLOCK_N=128), arch)
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON or CUDA, reason="needs triton; on a GPU the kernels run for real instead")
 def test_decode_kernels_compile_for_ampere_and_hopper_without_spilling_and_wait_before_reading():
     """The Triton kernels of a decode step compiled for sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed):
-    the attention as the decoder would launch it for 1B, 8B and long-context shapes, the norms, the SwiGLU and the
-    4-bit GEMV. No register spills (a stack frame or local memory). On sm_90 they are programmatic dependent
-    launches: each waits for the previous kernel (griddepcontrol.wait) and then lets the next one launch; only the
-    GEMV (its first weights) and the RMSNorm (its norm weights) load anything before the wait."""
+    the attention as the decoder would launch it for 1B, 8B and long-context shapes, the norms, the SwiGLU, the
+    4-bit GEMV and the dequantization of the dense (prefill) path. No register spills (a stack frame or local
+    memory). On sm_90 they are programmatic dependent launches: each waits for the previous kernel
+    (griddepcontrol.wait), then lets the next one launch; only the GEMV (its first weights) and the RMSNorm (its
+    norm weights) load anything before the wait."""
     import json
     import os
     import subprocess
@@ -217,7 +227,7 @@ def test_decode_kernels_compile_for_ampere_and_hopper_without_spilling_and_wait_
                           cwd=Path(__file__).resolve().parent.parent, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.strip().splitlines()]
-    assert len(rows) == 2 * (3 * 6 + 2 * 2), done.stdout
+    assert len(rows) == 2 * (3 * 6 + 2 * 3), done.stdout
     for r in rows:
         assert r["spills"] and set(r["spills"]) == {"0"}, r
         assert r["wait"] == r["release"] == r["pdl"], r

@@ -50,8 +50,9 @@ if importlib.util.find_spec("triton") is not None:
         dmask = d < D
         # RoPE as x * cos + rotate_half(x) * sin, rotate_half read as a second load at the partner index.
         partner = tl.where(d < HALF, d + HALF, d - HALF)
-        c = tl.load(cos_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.where(d < HALF, -1.0, 1.0)
+        pc = tl.minimum(pos, T - 1)  # cos and sin have a row per cache position
+        c = tl.load(cos_ptr + pc * D + d, mask=dmask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pc * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.where(d < HALF, -1.0, 1.0)
         row = qkv_ptr + b * stride_row
         g = tl.arange(0, GP)
         gd = (g < G)[:, None] & dmask[None, :]
@@ -63,7 +64,9 @@ if importlib.util.find_spec("triton") is not None:
         kbase = kc_ptr + bk * T * D
         vbase = vc_ptr + bk * T * D
         start = split * chunk
-        stop = tl.minimum(start + chunk, pos)  # the cached positions; `pos` itself comes from qkv below
+        # The cached positions; `pos` itself comes from qkv below. A position past the cache writes nothing and reads
+        # nothing outside it (the caller sized the cache; the PyTorch path raises there).
+        stop = tl.minimum(tl.minimum(start + chunk, pos), T)
         m = tl.full([GP], float("-inf"), tl.float32)
         den = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DP], tl.float32)
@@ -80,7 +83,7 @@ if importlib.util.find_spec("triton") is not None:
             v = tl.load(vbase + n[:, None] * D + d[None, :], mask=nd, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        if (pos >= start) & (pos < start + chunk):
+        if (pos >= start) & (pos < start + chunk) & (pos < T):
             # This step's key and value: rotated, written to the cache at `pos`, and attended to from registers
             # (so no program reads a cache slot that another writes in the same launch).
             kh = row + (NH + kv) * D

@@ -397,6 +397,28 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
         tl.store(count_ptr + slot + 0 * offs_n, 0 * offs_n, mask=take & (offs_n == pid_n * BLOCK_N))
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, BITS: tl.constexpr, SUBR: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Tile `program_id(0)` of the weights, columns of block `program_id(1)`, dequantized into `out` [K, N] in packed
+    row order: (q - z) * s rounded once, as the reference rounds it ((q - z) * s is exact in float32)."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, SUBR)
+    n_mask = offs_n < N
+    words = tl.load(w_ptr + (t * SUBR + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    for j in tl.static_range(PACK):
+        rows = t * SUBR * PACK + j * SUBR + offs_r
+        mask = (rows < K)[:, None] & n_mask[None, :]
+        sz = (rows // group_size)[:, None] * N + offs_n[None, :]
+        s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+        q = ((words >> (j * BITS)) & MASK).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], ((q - z) * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class Config:
     block_m: int
@@ -411,8 +433,12 @@ class Config:
     # split_k; num_stages 2: the next tile's weights requested before this one is computed
     min_blocks: int = 1  # mma: blocks per multiprocessor the compiler leaves registers for
     pdl: bool = False  # mma: programmatic dependent launch (sm_90+)
+    dense: bool = False  # dequantize the whole weight (block_n columns per program), then one cuBLAS product: for
+    # batches where the product is bound by arithmetic, not by reading the weights (prefill)
 
     def __str__(self) -> str:
+        if self.dense:
+            return f"dense-n{self.block_n}"
         if self.mma:
             return (f"mma-m{self.block_m}k{self.split_k}w{self.num_warps}" + ("" if self.num_stages > 1 else "-s1")
                     + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + ("-pdl" if self.pdl else ""))
@@ -451,6 +477,8 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
                                      min_blocks=cfg.min_blocks, pdl=cfg.pdl, swiglu=swiglu).view(*lead, n)
     if cfg.gemv:
         return _gemv(x2, kw, bias, cfg, split, per_split).view(*lead, n)
+    if cfg.dense:
+        return _dense(x2, kw, bias, cfg).view(*lead, n)
     atomic = split > 1
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -513,6 +541,16 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=x2.is_cuda, PDL=on,
         num_warps=cfg.num_warps, num_stages=1, launch_pdl=on)
     return out
+
+
+def _dense(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    n, k = kw.out_features, kw.in_features
+    w = torch.empty(k, n, dtype=x2.dtype, device=x2.device)  # in packed row order: the activations follow perm
+    _dequant_kernel[(triton.cdiv(k, kw.rows_per_tile), triton.cdiv(n, cfg.block_n))](
+        kw.qweight, kw.scales, kw.zeros, w, n, k, kw.group_size, BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps)
+    x = x2 if kw.perm is None else x2.index_select(1, kw.perm)
+    return x @ w if bias is None else torch.addmm(bias.to(x2.dtype), x, w)
 
 
 def two_codes_possible(bits: int, dtype: torch.dtype) -> bool:
@@ -579,12 +617,16 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
                     out.append(Config(bm, bn, split, 4, 3, one_dot=False))
                 if two_codes_possible(bits, dtype) and bn in (64, 128) and split <= 4:
                     out.append(Config(bm, bn, split, 4, 3, half2=False))  # one code per instruction stays a choice
+    if m > MMA_ROWS:  # prefill-sized batches: the whole weight dequantized once, then cuBLAS
+        out += [Config(bm, bn, 1, 4, 1, dense=True) for bm, bn in ((0, 64), (0, 128))]
     return out
 
 
 def default_config(m: int) -> Config:
     if m == 1:
         return Config(1, 64, 4, 4, 1, gemv=True)
+    if m >= 256:  # bound by arithmetic: dequantizing once costs little next to the product
+        return Config(0, 128, 1, 4, 1, dense=True)
     return Config(16, 64, 4, 4, 3) if m <= 16 else Config(64, 64, 1, 4, 3)
 
 
@@ -593,8 +635,10 @@ TUNING_LOG: dict[tuple, list[tuple[Config, float]]] = {}  # every candidate's µ
 
 
 def bucket(m: int) -> int:
+    """Batches tuned together: powers of two up to 1024 rows (a prefill of 512 tokens is tuned at 512, where the
+    dense path may win and at 128 it may not)."""
     b = 1
-    while b < m and b < 128:
+    while b < m and b < 1024:
         b *= 2
     return b
 
