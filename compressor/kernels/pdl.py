@@ -3,9 +3,10 @@ before it in the stream still runs, and waits for it (``griddepcontrol.wait``) o
 kernel wrote. At batch 1 a decode step is a chain of short kernels, each bound by its launch and its first loads:
 this hides both behind the previous kernel (the matmuls request their first weights before waiting).
 
-The rule every kernel launched this way keeps: before `wait`, it reads only memory no kernel writes (weights) and
-writes nothing. Then its post-wait part starts after the previous kernel has finished, so those parts stay in
-stream order (the split-K workspaces shared between launches included). ``COMPRESSOR_CUDA_PDL=0`` turns it off.
+The rule every kernel launched this way keeps: before `wait`, it reads only weights and writes nothing, and it lets
+the next kernel launch only after its own wait. So its early part overlaps only the kernel right before it, which
+never writes weights (they are packed long before their first use), and the parts after the waits stay in stream
+order, the split-K workspaces that launches share included. ``COMPRESSOR_CUDA_PDL=0`` turns it off.
 """
 from __future__ import annotations
 
