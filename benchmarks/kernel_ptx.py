@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--slabs", action="store_true", help="the per-slab variant instead of one product per tile")
     ap.add_argument("--gemv", action="store_true", help="the CUDA-core kernel for one activation row")
     ap.add_argument("--fp32", action="store_true", help="one code per instruction (the GEMV in float32)")
+    ap.add_argument("--ahead", action="store_true", help="--gemv: scales, zeros and activations a tile ahead")
     ap.add_argument("--group", type=int, default=128, help="--gemv: rows per group (sets how often scales load)")
     ap.add_argument("--mma", action="store_true", help="the CUDA C++ tensor-core kernel (cuda_qmm.py)")
     ap.add_argument("--bf16", action="store_true", help="--mma: bfloat16 activations")
@@ -58,10 +59,10 @@ def main() -> int:
         consts = {"group_size": args.group, "BITS": args.bits, "SUBR": SUB, "BLOCK_N": args.block_n,
                   "GROUP_SLABS": slabs_per_group(args.bits, args.group), "EVEN_K": True, "HAS_PERM": False,
                   "HAS_BIAS": False, "SPLIT": 1,
-                  "HALF2": args.bits == 4 and not args.fp32, "ASM": True}
+                  "HALF2": args.bits == 4 and not args.fp32, "ASM": True, "PDL": False, "AHEAD": args.ahead}
         options = {"num_warps": args.warps, "num_stages": 1}
         name = (f"gemv_sm{args.arch}_w{args.bits}_g{args.group}_n{args.block_n}w{args.warps}"
-                + ("_fp32" if args.fp32 or args.bits != 4 else "_h2"))
+                + ("_fp32" if args.fp32 or args.bits != 4 else "_h2") + ("_ahead" if args.ahead else ""))
     else:
         kernel_fn = _qmm_kernel
         sig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "perm_ptr": "*i32",

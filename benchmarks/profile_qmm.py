@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One launch of the CUDA C++ 4-bit kernel (or a Triton configuration) on a Llama-like shape, for Nsight Compute.
 
-    ncu --clock-control none --kernel-name regex:"qmm_mma|_gemv_kernel|_qmm_kernel" --launch-skip 3 --launch-count 1 \\
+    ncu --clock-control none --kernel-name regex:"qmm_mma|_gemv_kernel|_qmm_kernel|_dequant_kernel" \\
+        --launch-skip 3 --launch-count 1 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \\
         python3 benchmarks/profile_qmm.py --k 14336 --n 14336 --m 1 --config mma-m8k1w4b4
 
@@ -32,9 +33,13 @@ def parse_config(name: str) -> triton_qmm.Config:
     if m:
         return triton_qmm.Config(int(m[1]), 32, int(m[2]), int(m[3]), 1 if m[4] else 2, mma=True,
                                  min_blocks=int(m[5] or 1), pdl=bool(m[6]))
-    m = re.fullmatch(r"gemv-n(\d+)k(\d+)w(\d+)(-fp32)?", name)
+    m = re.fullmatch(r"gemv-n(\d+)k(\d+)w(\d+)(-fp32)?(-ahead)?", name)
     if m:
-        return triton_qmm.Config(1, int(m[1]), int(m[2]), int(m[3]), 1, gemv=True, half2=not m[4])
+        return triton_qmm.Config(1, int(m[1]), int(m[2]), int(m[3]), 1, gemv=True, half2=not m[4],
+                                 ahead=bool(m[5]))
+    m = re.fullmatch(r"dense-n(\d+)", name)
+    if m:
+        return triton_qmm.Config(0, int(m[1]), 1, 4, 1, dense=True)
     m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)(-slabs)?(-fp16)?", name)
     if m:
         return triton_qmm.Config(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), one_dot=not m[6],

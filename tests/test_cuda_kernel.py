@@ -338,7 +338,7 @@ def test_the_profiling_script_reads_back_every_candidate_name():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from profile_qmm import parse_config
 
-    for m in (1, 4, 16, 64):
+    for m in (1, 4, 16, 64, 512):
         for cfg in triton_qmm.candidates(m):
             assert parse_config(str(cfg)) == cfg, str(cfg)
 

@@ -90,7 +90,8 @@ CONFIGS = {  # block_m, block_n, split_k, warps, stages, one product per tile, C
     "gemv": (1, 32, 1, 2, 1, True, True), "gemv-split": (1, 64, 3, 4, 1, True, True),
     "gemv-narrow": (1, 16, 2, 1, 1, True, True), "gemv-fp32": (1, 32, 2, 2, 1, True, True, False),
     "wide-fp16": (32, 64, 2, 4, 3, True, False, False),
-    "dense": dict(block_m=0, block_n=64, split_k=1, num_stages=1, dense=True)}  # dequantize, then one product
+    "dense": dict(block_m=0, block_n=64, split_k=1, num_stages=1, dense=True),  # dequantize, then one product
+    "gemv-ahead": dict(block_m=1, block_n=32, split_k=2, num_warps=2, num_stages=1, gemv=True, ahead=True)}
 
 
 @needs_triton
@@ -107,6 +108,22 @@ def test_kernel_matches_reference(bits, group_size, act_order, config, dtype):
     for m in (1, 5) if cfg.block_m in (1, 16) else (3, 70):
         _kernel_case(bits, group_size, act_order, m, 448 if group_size != 128 else 640, 72, dtype, cfg,
                      seed=bits * 7 + m)
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size,act_order,k,split", [
+    (128, False, 1024, 1), (128, False, 1024, 3), (256, True, 896, 2), (-1, False, 640, 4), (128, True, 1000, 8)])
+def test_gemv_requesting_a_tile_ahead_matches_reference(group_size, act_order, k, split):
+    """The GEMV that requests the next tile's scales, zeros and activations with its words (4-bit, float16, one
+    group pair per tile): whole and partial last tiles, splits whose last tile is past K or past the split, groups
+    of 128 and 256 rows, one group, act-order; one and three rows."""
+    from compressor.kernels.triton_qmm import Config, group_slabs
+
+    kw = pack_for_kernel(random_quantized(64, k, 4, group_size, act_order, 5), torch.float16)
+    assert group_slabs(kw) >= 4  # the variant applies
+    for m in (1, 3):
+        _kernel_case(4, group_size, act_order, m, k, 64, torch.float16,
+                     Config(1, 32, split, 2, 1, gemv=True, ahead=True), seed=11 + m)
 
 
 @needs_triton

@@ -282,18 +282,7 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
             s_lo, s_hi, zc_even, zc_odd = _h2_groups(s_ptr, z_ptr, row_lo, row_hi, offs_n, n_mask, N, K, group_size)
             sc_lo = (s_lo.to(tl.float32) * 16.0)[None, :]
             sc_hi = (s_hi.to(tl.float32) * 16.0)[None, :]
-        r_lo = row_lo + offs_r
-        r_hi = row_hi + offs_r
-        if HAS_PERM:
-            r_lo = tl.load(perm_ptr + r_lo, mask=r_lo < K, other=0)
-            r_hi = tl.load(perm_ptr + r_hi, mask=r_hi < K, other=0)
-        if EVEN_K:
-            x_lo = tl.load(x_row + r_lo)
-            x_hi = tl.load(x_row + r_hi)
-        else:
-            x_lo = tl.load(x_row + r_lo, mask=(row_lo + offs_r) < K, other=0.0)
-            x_hi = tl.load(x_row + r_hi, mask=(row_hi + offs_r) < K, other=0.0)
-        x2 = _pack_h2((x_lo * 0.0625).to(tl.float16), (x_hi * 0.0625).to(tl.float16))[:, None]
+        x2 = _h2_activations(x_row, perm_ptr, row_lo, row_hi, offs_r, K, EVEN_K, HAS_PERM)[:, None]
         zc = zc_even if p % 2 == 0 else zc_odd
         d = _h2_codes(words if p < 2 else high_words, zc[None, :], p % 2 == 1, ASM)
         part = _h2_fma(d, x2, part, ASM)
@@ -301,6 +290,46 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
             acc = _h2_flush(acc, part, sc_lo, sc_hi, ASM)
             part = words * 0
     return acc
+
+
+@triton.jit
+def _h2_activations(x_row, perm_ptr, row_lo, row_hi, offs_r, K, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr):
+    """The f16x2 activation pairs, divided by 16, that multiply rows row_lo + r and row_hi + r (see _gemv_tile_h2);
+    EVEN_K: every row is inside K (no mask)."""
+    r_lo = row_lo + offs_r
+    r_hi = row_hi + offs_r
+    if HAS_PERM:
+        r_lo = tl.load(perm_ptr + r_lo, mask=r_lo < K, other=0)
+        r_hi = tl.load(perm_ptr + r_hi, mask=r_hi < K, other=0)
+    if EVEN_K:
+        x_lo = tl.load(x_row + r_lo)
+        x_hi = tl.load(x_row + r_hi)
+    else:
+        x_lo = tl.load(x_row + r_lo, mask=(row_lo + offs_r) < K, other=0.0)
+        x_hi = tl.load(x_row + r_hi, mask=(row_hi + offs_r) < K, other=0.0)
+    return _pack_h2((x_lo * 0.0625).to(tl.float16), (x_hi * 0.0625).to(tl.float16))
+
+
+@triton.jit
+def _h2_tile_ahead(t, x_row, perm_ptr, offs_r, K, SUBR: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Tile `t`'s four activation pairs (masked: a tile requested ahead may lie past K)."""
+    base = t * SUBR * 8
+    return (_h2_activations(x_row, perm_ptr, base, base + 4 * SUBR, offs_r, K, False, HAS_PERM),
+            _h2_activations(x_row, perm_ptr, base + SUBR, base + 5 * SUBR, offs_r, K, False, HAS_PERM),
+            _h2_activations(x_row, perm_ptr, base + 2 * SUBR, base + 6 * SUBR, offs_r, K, False, HAS_PERM),
+            _h2_activations(x_row, perm_ptr, base + 3 * SUBR, base + 7 * SUBR, offs_r, K, False, HAS_PERM))
+
+
+@triton.jit
+def _h2_tile_math(acc, words, s_lo, s_hi, zc_even, zc_odd, x0, x1, x2, x3, ASM: tl.constexpr):
+    """_gemv_tile_h2 from operands already in registers, for a tile whose slabs 0-3 share one group and slabs 4-7
+    another (groups of 128 rows or more): four f16x2 products, one flush."""
+    high_words = words >> 8
+    part = _h2_fma(_h2_codes(words, zc_even[None, :], False, ASM), x0[:, None], words * 0, ASM)
+    part = _h2_fma(_h2_codes(words, zc_odd[None, :], True, ASM), x1[:, None], part, ASM)
+    part = _h2_fma(_h2_codes(high_words, zc_even[None, :], False, ASM), x2[:, None], part, ASM)
+    part = _h2_fma(_h2_codes(high_words, zc_odd[None, :], True, ASM), x3[:, None], part, ASM)
+    return _h2_flush(acc, part, (s_lo.to(tl.float32) * 16.0)[None, :], (s_hi.to(tl.float32) * 16.0)[None, :], ASM)
 
 
 @triton.jit
@@ -330,7 +359,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
                  M, N, K, group_size: tl.constexpr, tiles_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
                  EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 HALF2: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                 HALF2: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr):
     """One row of activations times the weights on the CUDA cores, in float32: the decode case.
 
     A tensor-core product pads a batch of 1 to 16 rows and rearranges its operand through shared memory; here each
@@ -345,6 +374,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
 
     PDL (a programmatic dependent launch, see pdl.py): the first tile's words are requested before waiting for the
     kernel that wrote the activations.
+
+    AHEAD (HALF2 with one group pair per tile, groups of 128 rows or more): the next tile's scales, zeros and
+    activations are requested with its words, so no load waits inside the loop; more instructions per weight and
+    more registers, which the tuner weighs on the card.
     """
     PACK: tl.constexpr = 32 // BITS
     pid_m = tl.program_id(0)  # fastest: the rows of a batch share each block of weights while it is in L2
@@ -361,14 +394,27 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     # own software pipeline, num_stages, was measured no faster on the H200).
     words_next = tl.load(w_ptrs + t_start * SUBR * N,
                          mask=((t_start + 0 * offs_r) < tiles)[:, None] & n_mask[None, :], other=0)
+    if AHEAD:  # the first tile's scales and zeros (weights too) before the wait, its activations after
+        row0 = t_start * SUBR * 8
+        s_lo_n, s_hi_n, zc_even_n, zc_odd_n = _h2_groups(s_ptr, z_ptr, row0, row0 + 4 * SUBR, offs_n, n_mask, N, K,
+                                                         group_size)
     pid_m += pdl.wait(PDL)  # every activation, output and workspace address depends on pid_m
     x_row = x_ptr + pid_m * stride_xm
+    if AHEAD:
+        x0_n, x1_n, x2_n, x3_n = _h2_tile_ahead(t_start, x_row, perm_ptr, offs_r, K, SUBR, HAS_PERM)
     for i in range(0, tiles_per_split):
         t = t_start + i
         words = words_next
         more = ((t + 1 + 0 * offs_r) < tiles) & ((i + 1 + 0 * offs_r) < tiles_per_split)
         words_next = tl.load(w_ptrs + (t + 1) * SUBR * N, mask=more[:, None] & n_mask[None, :], other=0)
-        if HALF2:
+        if AHEAD:
+            s_lo, s_hi, zc_even, zc_odd, x0, x1, x2, x3 = s_lo_n, s_hi_n, zc_even_n, zc_odd_n, x0_n, x1_n, x2_n, x3_n
+            s_lo_n, s_hi_n, zc_even_n, zc_odd_n = _h2_groups(s_ptr, z_ptr, (t + 1) * SUBR * 8,
+                                                             (t + 1) * SUBR * 8 + 4 * SUBR, offs_n, n_mask, N, K,
+                                                             group_size)
+            x0_n, x1_n, x2_n, x3_n = _h2_tile_ahead(t + 1, x_row, perm_ptr, offs_r, K, SUBR, HAS_PERM)
+            acc = _h2_tile_math(acc, words, s_lo, s_hi, zc_even, zc_odd, x0, x1, x2, x3, ASM)
+        elif HALF2:
             acc = _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K,
                                 group_size, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
         else:
@@ -433,6 +479,7 @@ class Config:
     # split_k; num_stages 2: the next tile's weights requested before this one is computed
     min_blocks: int = 1  # mma: blocks per multiprocessor the compiler leaves registers for
     pdl: bool = False  # mma: programmatic dependent launch (sm_90+)
+    ahead: bool = False  # gemv: scales, zeros and activations requested a tile ahead (see _gemv_kernel)
     dense: bool = False  # dequantize the whole weight (block_n columns per program), then one cuBLAS product: for
     # batches where the product is bound by arithmetic, not by reading the weights (prefill)
 
@@ -443,7 +490,8 @@ class Config:
             return (f"mma-m{self.block_m}k{self.split_k}w{self.num_warps}" + ("" if self.num_stages > 1 else "-s1")
                     + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + ("-pdl" if self.pdl else ""))
         if self.gemv:
-            return f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + ("" if self.half2 else "-fp32")
+            return (f"gemv-n{self.block_n}k{self.split_k}w{self.num_warps}" + ("" if self.half2 else "-fp32")
+                    + ("-ahead" if self.ahead else ""))
         return (f"m{self.block_m}n{self.block_n}k{self.split_k}w{self.num_warps}s{self.num_stages}"
                 + ("" if self.one_dot else "-slabs") + ("" if self.half2 or not self.one_dot else "-fp16"))
 
@@ -539,6 +587,7 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         EVEN_K=k % kw.rows_per_tile == 0 and (k // kw.rows_per_tile) % per_split == 0,
         HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
         HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=x2.is_cuda, PDL=on,
+        AHEAD=cfg.ahead and half2_applies(cfg, kw.bits, x2.dtype) and group_slabs(kw) >= 4,
         num_warps=cfg.num_warps, num_stages=1, launch_pdl=on)
     return out
 
@@ -602,6 +651,8 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
             out += [Config(1, bn, split, warps, 1, gemv=True) for split in (1, 2, 4, 8, 16, 32)]
         if two_codes_possible(bits, dtype):  # the float32 GEMV stays a candidate
             out += [Config(1, 32, split, 2, 1, gemv=True, half2=False) for split in (1, 2, 4, 8, 16, 32)]
+            out += [Config(1, bn, split, warps, 1, gemv=True, ahead=True) for bn, warps in ((32, 2), (64, 2), (64, 4))
+                    for split in (1, 2, 4, 8)]
         if m == 1:
             return out
     bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
