@@ -271,3 +271,18 @@ def test_two_codes_per_instruction_keep_massive_activations_finite():
         y = triton_qmm.quant_matmul(x, kw, config=cfg)
         assert torch.isfinite(y).all(), cfg
         assert float((y.double() - exact).norm() / exact.norm()) < TOLERANCE[torch.float16], cfg
+
+
+def test_no_ptx_and_no_programmatic_launch_on_amd_gpus(monkeypatch):
+    """ROCm builds of PyTorch call AMD GPUs "cuda": the kernels must not carry PTX (inline asm, griddepcontrol) or
+    NVIDIA-only launches there, whatever the device reports as its capability (an MI300 says 9.4)."""
+    from compressor.kernels import pdl
+
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    monkeypatch.setattr(pdl, "_capability", lambda index: (9, 4))
+    cuda = torch.device("cuda", 0)
+    assert not pdl.nvidia(cuda) and not pdl.allowed(cuda)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert pdl.nvidia(cuda) and pdl.allowed(cuda)
+    monkeypatch.setenv("COMPRESSOR_CUDA_PDL", "0")
+    assert not pdl.allowed(cuda)

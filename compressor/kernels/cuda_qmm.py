@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .layout import SUB, KernelWeight
-from .pdl import allowed as pdl_allowed
+from .pdl import allowed as pdl_allowed, nvidia
 
 SOURCE = Path(__file__).with_name("qmm_mma.cu")
 BLOCK_COLUMNS = 32  # output columns per block
@@ -29,7 +29,7 @@ def applies(kw: KernelWeight, dtype: torch.dtype) -> bool:
 
     dev = kw.qweight.device
     return (kw.bits == 4 and dtype in (torch.float16, torch.bfloat16) and kw.scales.dtype == dtype
-            and kw.out_features % 8 == 0 and dev.type == "cuda" and _device(_index(dev))[0] >= (8, 0)
+            and kw.out_features % 8 == 0 and nvidia(dev) and _device(_index(dev))[0] >= (8, 0)
             and nvrtc.available())
 
 

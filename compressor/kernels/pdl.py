@@ -22,9 +22,14 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def nvidia(device: torch.device) -> bool:
+    """A CUDA device of NVIDIA's, where kernels may carry PTX (ROCm builds of PyTorch call AMD GPUs "cuda" too)."""
+    return device.type == "cuda" and torch.version.hip is None
+
+
 def allowed(device: torch.device) -> bool:
     """Whether launches on `device` may be programmatic dependent launches."""
-    if device.type != "cuda" or os.environ.get("COMPRESSOR_CUDA_PDL", "1") == "0":
+    if not nvidia(device) or os.environ.get("COMPRESSOR_CUDA_PDL", "1") == "0":
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 

@@ -538,7 +538,8 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
                       BITS=kw.bits, SUBR=SUB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MAGIC=magic, OFFSET=offset,
                       ONE_DOT=cfg.one_dot,
                       HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                      HALF2=half2_applies(cfg, kw.bits, x.dtype), GROUP_SLABS=group_slabs(kw), ASM=x.is_cuda,
+                      HALF2=half2_applies(cfg, kw.bits, x.dtype), GROUP_SLABS=group_slabs(kw),
+                      ASM=pdl.nvidia(x.device),
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if atomic:
         out = out.to(x.dtype)
@@ -586,7 +587,7 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw),
         EVEN_K=k % kw.rows_per_tile == 0 and (k // kw.rows_per_tile) % per_split == 0,
         HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=x2.is_cuda, PDL=on,
+        HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=pdl.nvidia(x2.device), PDL=on,
         AHEAD=cfg.ahead and half2_applies(cfg, kw.bits, x2.dtype) and group_slabs(kw) >= 4,
         num_warps=cfg.num_warps, num_stages=1, launch_pdl=on)
     return out
