@@ -58,8 +58,8 @@ def main() -> int:
                "N": "i32", "K": "i32", "tiles_per_split": "i32", "stride_xm": "i32", "stride_om": "i32"}
         consts = {"group_size": args.group, "BITS": args.bits, "SUBR": SUB, "BLOCK_N": args.block_n,
                   "GROUP_SLABS": slabs_per_group(args.bits, args.group), "EVEN_K": True, "HAS_PERM": False,
-                  "HAS_BIAS": False, "SPLIT": 1,
-                  "HALF2": args.bits == 4 and not args.fp32, "ASM": True, "PDL": False, "AHEAD": args.ahead}
+                  "HAS_BIAS": False, "SPLIT": 1, "HALF2": args.bits == 4 and not args.fp32, "ASM": True, "PDL": False,
+                  "AHEAD": args.ahead, "SWIGLU": False}
         options = {"num_warps": args.warps, "num_stages": 1}
         name = (f"gemv_sm{args.arch}_w{args.bits}_g{args.group}_n{args.block_n}w{args.warps}"
                 + ("_fp32" if args.fp32 or args.bits != 4 else "_h2") + ("_ahead" if args.ahead else ""))

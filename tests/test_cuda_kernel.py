@@ -284,12 +284,13 @@ def test_swiglu_matmul_without_the_cuda_kernel_is_the_swiglu_then_the_product():
     assert torch.equal(swiglu_matmul(gate_up, kw, bias, use_triton=False), want)
 
 
-def test_only_the_cuda_kernel_takes_the_swiglu():
+def test_only_the_gemv_and_the_cuda_kernel_take_the_swiglu():
     from compressor.kernels import UnsupportedLayout, triton_qmm
 
     kw = pack_for_kernel(random_quantized(64, 256, 4, 32, False, 0))
-    with pytest.raises(UnsupportedLayout, match="SwiGLU"):
-        triton_qmm.quant_matmul(torch.randn(1, 512).half(), kw, config=triton_qmm.default_config(1), swiglu=True)
+    for cfg in (triton_qmm.Config(16, 64, 1, 4, 3), triton_qmm.Config(0, 64, 1, 4, 1, dense=True)):
+        with pytest.raises(UnsupportedLayout, match="SwiGLU"):
+            triton_qmm.quant_matmul(torch.randn(1, 512).half(), kw, config=cfg, swiglu=True)
 
 
 def test_without_a_gpu_the_kernel_is_refused_clearly_and_tuning_passes_over_it():

@@ -205,7 +205,8 @@ for arch in (80, 90):
                       dict(group_size=128, BITS=4, SUBR=SUB, BLOCK_N=32, GROUP_SLABS=triton_qmm.slabs_per_group(4, 128),
                            EVEN_K=True, HAS_PERM=False, HAS_BIAS=False, SPLIT=split,
                            HALF2=triton_qmm.two_codes_possible(4, dtype), ASM=True, PDL=pdl,
-                           AHEAD=triton_qmm.two_codes_possible(4, dtype)), arch, warps=2, stages=1)
+                           AHEAD=triton_qmm.two_codes_possible(4, dtype), SWIGLU=split == 4), arch, warps=2,
+                      stages=1)
             build(f"dequant {ty}", triton_qmm._dequant_kernel,
                   dict(w_ptr="*i32", s_ptr=p, z_ptr=p, out_ptr=p, N="i32", K="i32", group_size="i32"),
                   dict(BITS=4, SUBR=SUB, BLOCK_N=128), arch)

@@ -31,15 +31,16 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
 def swiglu_matmul(gate_up: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
                   use_triton: bool = True) -> torch.Tensor:
     """``(silu(gate) * up) @ dequant(W) (+ bias)`` for ``gate_up = [gate | up]`` ([..., 2 in]): a down projection
-    after its SwiGLU. One launch where the tuner chose the CUDA C++ kernel for this shape (it computes the SwiGLU
-    while staging its activations); otherwise the SwiGLU kernel (`use_triton`) or PyTorch, then `quant_matmul`."""
+    after its SwiGLU. One launch where the tuner chose the GEMV or the CUDA C++ kernel for this shape (they compute
+    the SwiGLU as they load the activations); otherwise the SwiGLU kernel (`use_triton`) or PyTorch, then
+    `quant_matmul`."""
     from .fused_ops import silu_mul
 
     if gate_up.is_cuda and gate_up.dtype in (torch.float16, torch.bfloat16) and triton_available():
         from . import triton_qmm
 
         cfg = triton_qmm.tuned_config(gate_up.numel() // gate_up.shape[-1], kw, gate_up.dtype)
-        if cfg.mma:  # the tuner keeps only configurations that ran on this weight and device
+        if triton_qmm.takes_swiglu(cfg):  # the tuner keeps only configurations that ran on this weight and device
             return triton_qmm.quant_matmul(gate_up, kw, bias, config=cfg, swiglu=True)
     a = silu_mul(gate_up.reshape(-1, gate_up.shape[-1]), use_triton and triton_available())
     return quant_matmul(a.view(*gate_up.shape[:-1], -1), kw, bias)

@@ -127,7 +127,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
 @triton.jit
 def _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size: tl.constexpr,
                BITS: tl.constexpr, SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr, EVEN_K: tl.constexpr,
-               HAS_PERM: tl.constexpr, ASM: tl.constexpr):
+               HAS_PERM: tl.constexpr, ASM: tl.constexpr, SWIGLU: tl.constexpr):
     """acc [SUB, BLOCK_N] += the activations times tile `t` of the weights, given its packed `words` [SUB, BLOCK_N]."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -143,10 +143,7 @@ def _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, off
         rows = row0 + offs_r
         if HAS_PERM:
             rows = tl.load(perm_ptr + rows, mask=rows < K, other=0)
-        if EVEN_K:
-            xv = tl.load(x_row + rows).to(tl.float32)
-        else:
-            xv = tl.load(x_row + rows, mask=(row0 + offs_r) < K, other=0.0).to(tl.float32)
+        xv = _row_activations(x_row, rows, (row0 + offs_r) < K, K, EVEN_K, SWIGLU).to(tl.float32)
         # The code moves into the top of the mantissa of 1.0: f = 1 + q / 2^BITS (a shift and one and-or), and
         # (q - z) * s = f * S - C with S = s * 2^BITS, C = s * (2^BITS + z): one fused multiply-add. C stays
         # below 2^(BITS+1) * s, so its rounding is far below the scale's own precision.
@@ -265,7 +262,7 @@ def _split_h2(pair, ASM: tl.constexpr):
 @triton.jit
 def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size: tl.constexpr,
                   SUBR: tl.constexpr, GROUP_SLABS: tl.constexpr, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr,
-                  ASM: tl.constexpr):
+                  ASM: tl.constexpr, SWIGLU: tl.constexpr):
     """_gemv_tile for 4-bit codes and float16 activations, two codes per instruction: per pair of weights a lop3, a
     sub (or fma) and an fma with the activations.
 
@@ -282,7 +279,7 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
             s_lo, s_hi, zc_even, zc_odd = _h2_groups(s_ptr, z_ptr, row_lo, row_hi, offs_n, n_mask, N, K, group_size)
             sc_lo = (s_lo.to(tl.float32) * 16.0)[None, :]
             sc_hi = (s_hi.to(tl.float32) * 16.0)[None, :]
-        x2 = _h2_activations(x_row, perm_ptr, row_lo, row_hi, offs_r, K, EVEN_K, HAS_PERM)[:, None]
+        x2 = _h2_activations(x_row, perm_ptr, row_lo, row_hi, offs_r, K, EVEN_K, HAS_PERM, SWIGLU)[:, None]
         zc = zc_even if p % 2 == 0 else zc_odd
         d = _h2_codes(words if p < 2 else high_words, zc[None, :], p % 2 == 1, ASM)
         part = _h2_fma(d, x2, part, ASM)
@@ -293,7 +290,26 @@ def _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, 
 
 
 @triton.jit
-def _h2_activations(x_row, perm_ptr, row_lo, row_hi, offs_r, K, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr):
+def _row_activations(x_row, cols, mask, K, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """The activations at columns `cols` of a row (zeros where not `mask`, unless EVEN_K: all inside). SWIGLU: the
+    row is [gate | up] (2 K wide) and the activation is silu(gate) * up, rounded as fused_ops.silu_mul rounds it."""
+    if EVEN_K:
+        x = tl.load(x_row + cols)
+    else:
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
+    if SWIGLU:
+        if EVEN_K:
+            up = tl.load(x_row + K + cols)
+        else:
+            up = tl.load(x_row + K + cols, mask=mask, other=0.0)
+        g = x.to(tl.float32)
+        x = (g / (1.0 + tl.exp(-g))).to(up.dtype) * up
+    return x
+
+
+@triton.jit
+def _h2_activations(x_row, perm_ptr, row_lo, row_hi, offs_r, K, EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr,
+                    SWIGLU: tl.constexpr):
     """The f16x2 activation pairs, divided by 16, that multiply rows row_lo + r and row_hi + r (see _gemv_tile_h2);
     EVEN_K: every row is inside K (no mask)."""
     r_lo = row_lo + offs_r
@@ -301,23 +317,19 @@ def _h2_activations(x_row, perm_ptr, row_lo, row_hi, offs_r, K, EVEN_K: tl.const
     if HAS_PERM:
         r_lo = tl.load(perm_ptr + r_lo, mask=r_lo < K, other=0)
         r_hi = tl.load(perm_ptr + r_hi, mask=r_hi < K, other=0)
-    if EVEN_K:
-        x_lo = tl.load(x_row + r_lo)
-        x_hi = tl.load(x_row + r_hi)
-    else:
-        x_lo = tl.load(x_row + r_lo, mask=(row_lo + offs_r) < K, other=0.0)
-        x_hi = tl.load(x_row + r_hi, mask=(row_hi + offs_r) < K, other=0.0)
+    x_lo = _row_activations(x_row, r_lo, (row_lo + offs_r) < K, K, EVEN_K, SWIGLU)
+    x_hi = _row_activations(x_row, r_hi, (row_hi + offs_r) < K, K, EVEN_K, SWIGLU)
     return _pack_h2((x_lo * 0.0625).to(tl.float16), (x_hi * 0.0625).to(tl.float16))
 
 
 @triton.jit
-def _h2_tile_ahead(t, x_row, perm_ptr, offs_r, K, SUBR: tl.constexpr, HAS_PERM: tl.constexpr):
+def _h2_tile_ahead(t, x_row, perm_ptr, offs_r, K, SUBR: tl.constexpr, HAS_PERM: tl.constexpr, SWIGLU: tl.constexpr):
     """Tile `t`'s four activation pairs (masked: a tile requested ahead may lie past K)."""
     base = t * SUBR * 8
-    return (_h2_activations(x_row, perm_ptr, base, base + 4 * SUBR, offs_r, K, False, HAS_PERM),
-            _h2_activations(x_row, perm_ptr, base + SUBR, base + 5 * SUBR, offs_r, K, False, HAS_PERM),
-            _h2_activations(x_row, perm_ptr, base + 2 * SUBR, base + 6 * SUBR, offs_r, K, False, HAS_PERM),
-            _h2_activations(x_row, perm_ptr, base + 3 * SUBR, base + 7 * SUBR, offs_r, K, False, HAS_PERM))
+    return (_h2_activations(x_row, perm_ptr, base, base + 4 * SUBR, offs_r, K, False, HAS_PERM, SWIGLU),
+            _h2_activations(x_row, perm_ptr, base + SUBR, base + 5 * SUBR, offs_r, K, False, HAS_PERM, SWIGLU),
+            _h2_activations(x_row, perm_ptr, base + 2 * SUBR, base + 6 * SUBR, offs_r, K, False, HAS_PERM, SWIGLU),
+            _h2_activations(x_row, perm_ptr, base + 3 * SUBR, base + 7 * SUBR, offs_r, K, False, HAS_PERM, SWIGLU))
 
 
 @triton.jit
@@ -359,7 +371,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
                  M, N, K, group_size: tl.constexpr, tiles_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, SUBR: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SLABS: tl.constexpr,
                  EVEN_K: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 HALF2: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr):
+                 HALF2: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr,
+                 SWIGLU: tl.constexpr):
     """One row of activations times the weights on the CUDA cores, in float32: the decode case.
 
     A tensor-core product pads a batch of 1 to 16 rows and rearranges its operand through shared memory; here each
@@ -378,6 +391,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     AHEAD (HALF2 with one group pair per tile, groups of 128 rows or more): the next tile's scales, zeros and
     activations are requested with its words, so no load waits inside the loop; more instructions per weight and
     more registers, which the tuner weighs on the card.
+
+    SWIGLU: the row is [gate | up] of a down projection, twice K wide, and the activations are silu(gate) * up,
+    computed where they are loaded: the SwiGLU kernel's launch saved.
     """
     PACK: tl.constexpr = 32 // BITS
     pid_m = tl.program_id(0)  # fastest: the rows of a batch share each block of weights while it is in L2
@@ -401,7 +417,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     pid_m += pdl.wait(PDL)  # every activation, output and workspace address depends on pid_m
     x_row = x_ptr + pid_m * stride_xm
     if AHEAD:
-        x0_n, x1_n, x2_n, x3_n = _h2_tile_ahead(t_start, x_row, perm_ptr, offs_r, K, SUBR, HAS_PERM)
+        x0_n, x1_n, x2_n, x3_n = _h2_tile_ahead(t_start, x_row, perm_ptr, offs_r, K, SUBR, HAS_PERM, SWIGLU)
     for i in range(0, tiles_per_split):
         t = t_start + i
         words = words_next
@@ -412,14 +428,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
             s_lo_n, s_hi_n, zc_even_n, zc_odd_n = _h2_groups(s_ptr, z_ptr, (t + 1) * SUBR * 8,
                                                              (t + 1) * SUBR * 8 + 4 * SUBR, offs_n, n_mask, N, K,
                                                              group_size)
-            x0_n, x1_n, x2_n, x3_n = _h2_tile_ahead(t + 1, x_row, perm_ptr, offs_r, K, SUBR, HAS_PERM)
+            x0_n, x1_n, x2_n, x3_n = _h2_tile_ahead(t + 1, x_row, perm_ptr, offs_r, K, SUBR, HAS_PERM, SWIGLU)
             acc = _h2_tile_math(acc, words, s_lo, s_hi, zc_even, zc_odd, x0, x1, x2, x3, ASM)
         elif HALF2:
             acc = _gemv_tile_h2(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K,
-                                group_size, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
+                                group_size, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM, SWIGLU)
         else:
             acc = _gemv_tile(acc, words, t, x_row, s_ptr, z_ptr, perm_ptr, offs_n, n_mask, offs_r, N, K, group_size,
-                             BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM)
+                             BITS, SUBR, GROUP_SLABS, EVEN_K, HAS_PERM, ASM, SWIGLU)
     y = tl.sum(acc, axis=0)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
     if SPLIT == 1:
@@ -499,7 +515,8 @@ class Config:
 def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
                  config: Config | None = None, swiglu: bool = False) -> torch.Tensor:
     """``x [..., in] @ dequant(W) [in, out] (+ bias)`` through the fused kernel; x in float16 or bfloat16.
-    `swiglu` (CUDA C++ configurations only): x is [..., 2 in] = [gate | up], and the product takes silu(gate) * up."""
+    `swiglu` (the GEMV and the CUDA C++ kernel): x is [..., 2 in] = [gate | up], and the product takes
+    silu(gate) * up."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, 2 * kw.in_features if swiglu else kw.in_features)
     if x2.stride(-1) != 1:
@@ -511,8 +528,8 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     split = min(cfg.split_k, tiles)
     per_split = -(-tiles // split)
     split = -(-tiles // per_split)
-    if swiglu and not cfg.mma:
-        raise UnsupportedLayout(f"{cfg}: only the CUDA C++ kernel takes the SwiGLU in its staging")
+    if swiglu and not takes_swiglu(cfg):
+        raise UnsupportedLayout(f"{cfg}: only the GEMV and the CUDA C++ kernel take the SwiGLU with the activations")
     if cfg.mma:
         from . import cuda_qmm
 
@@ -524,7 +541,7 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
                                      workspace=lambda sums, blocks: _workspace(x.device, sums, blocks),
                                      min_blocks=cfg.min_blocks, pdl=cfg.pdl, swiglu=swiglu).view(*lead, n)
     if cfg.gemv:
-        return _gemv(x2, kw, bias, cfg, split, per_split).view(*lead, n)
+        return _gemv(x2, kw, bias, cfg, split, per_split, swiglu).view(*lead, n)
     if cfg.dense:
         return _dense(x2, kw, bias, cfg).view(*lead, n)
     atomic = split > 1
@@ -572,8 +589,13 @@ def slabs_per_group(bits: int, group_size: int) -> int:
     return slabs if slabs and per % slabs == 0 else 1
 
 
+def takes_swiglu(cfg: Config) -> bool:
+    """Whether a configuration computes a down projection's SwiGLU as it loads the activations."""
+    return cfg.mma or cfg.gemv
+
+
 def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Config, split: int,
-          per_split: int) -> torch.Tensor:
+          per_split: int, swiglu: bool = False) -> torch.Tensor:
     m, n, k = x2.shape[0], kw.out_features, kw.in_features
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     blocks = triton.cdiv(n, cfg.block_n)
@@ -588,7 +610,7 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
         EVEN_K=k % kw.rows_per_tile == 0 and (k // kw.rows_per_tile) % per_split == 0,
         HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
         HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=pdl.nvidia(x2.device), PDL=on,
-        AHEAD=cfg.ahead and half2_applies(cfg, kw.bits, x2.dtype) and group_slabs(kw) >= 4,
+        AHEAD=cfg.ahead and half2_applies(cfg, kw.bits, x2.dtype) and group_slabs(kw) >= 4, SWIGLU=swiglu,
         num_warps=cfg.num_warps, num_stages=1, launch_pdl=on)
     return out
 
