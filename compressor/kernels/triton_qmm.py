@@ -692,7 +692,7 @@ def candidates(m: int, bits: int = 4, dtype: torch.dtype = torch.float16) -> lis
                 if two_codes_possible(bits, dtype) and bn in (64, 128) and split <= 4:
                     out.append(Config(bm, bn, split, 4, 3, half2=False))  # one code per instruction stays a choice
     if m > MMA_ROWS:  # prefill-sized batches: the whole weight dequantized once, then cuBLAS
-        out += [Config(bm, bn, 1, 4, 1, dense=True) for bm, bn in ((0, 64), (0, 128))]
+        out += [Config(0, bn, 1, 4, 1, dense=True) for bn in (64, 128)]
     return out
 
 
