@@ -4,7 +4,9 @@ the Python overhead of `generate` that hides the difference between fp16 and low
 
 The step reads the model's own modules (whatever their kind: nn.Linear, FusedQuantLinear, 2:4 sparse), with the
 query/key/value and gate/up projections merged where their weights can be concatenated, and the small per-token
-operations fused (compressor.kernels.fused_ops).
+operations fused (compressor.kernels.fused_ops): RoPE, the cache writes and attention are one kernel, the residual
+add and RMSNorm another, and the SwiGLU runs inside the down projection's kernel where that kernel takes it. On
+compute capability 9.0+ the step's Triton kernels are programmatic dependent launches (compressor.kernels.pdl).
 """
 from __future__ import annotations
 
