@@ -120,7 +120,7 @@ def test_decode_attention_kernel_matches_the_reference(heads, kv_heads, d, chunk
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a GPU of compute capability 9.0+")
-def test_programmatic_dependent_launch_changes_no_bit_of_a_captured_decode(monkeypatch):
+def test_a_captured_decode_gives_the_same_logits_with_programmatic_dependent_launches(monkeypatch):
     """GPU only. A 4-bit decoder's steps as CUDA graphs, its kernels launched as programmatic dependent launches or
     plainly (COMPRESSOR_CUDA_PDL=0). A read before the previous kernel's write (a missing wait) would read another
     step's or layer's values; split-K's atomic sums differ only in their last bits."""
