@@ -583,17 +583,24 @@ def decode(torch, cuda, results, deadline, store) -> None:
                    and any(type(m).__name__ == "FusedQuantLinear" for m in model.modules()))
         if untuned:
             os.environ["COMPRESSOR_KERNEL_TUNING"] = "0"
-        with torch.no_grad():
-            model(ids)
-            pre = []
-            for _ in range(3):
-                sync()
-                t = time.perf_counter()
+        pre = []
+        try:  # a prefill that fails (a kernel new to this card) costs its column, not the decode row
+            with torch.no_grad():
                 model(ids)
-                sync()
-                pre.append(time.perf_counter() - t)
+                for _ in range(3):
+                    sync()
+                    t = time.perf_counter()
+                    model(ids)
+                    sync()
+                    pre.append(time.perf_counter() - t)
+        except Exception as e:
+            note = (note + " " if note else "") + f"prefill failed: {type(e).__name__}: {str(e)[:160]}"
+            log(f"prefill of {name} failed: {e!r}"[:300])
+            pre = [float("nan")]
+        finally:
+            if untuned:
+                del os.environ["COMPRESSOR_KERNEL_TUNING"]
         if untuned:
-            del os.environ["COMPRESSOR_KERNEL_TUNING"]
             note = (note + " " if note else "") + "prefill: default kernel configurations"
         row = {"ms_per_token": statistics.median(ms), "graph": dec.graph is not None,
                "fused_elementwise": dec.fused, "attention": "kernel" if dec.fused_attention else "sdpa",
