@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .layout import SUB, KernelWeight
-from .pdl import allowed as pdl_allowed, nvidia
+from .pdl import allowed as pdl_allowed, capability, device_index, nvidia
 
 SOURCE = Path(__file__).with_name("qmm_mma.cu")
 BLOCK_COLUMNS = 32  # output columns per block
@@ -29,7 +29,7 @@ def applies(kw: KernelWeight, dtype: torch.dtype) -> bool:
 
     dev = kw.qweight.device
     return (kw.bits == 4 and dtype in (torch.float16, torch.bfloat16) and kw.scales.dtype == dtype
-            and kw.out_features % 8 == 0 and nvidia(dev) and _device(_index(dev))[0] >= (8, 0)
+            and kw.out_features % 8 == 0 and nvidia(dev) and capability(dev) >= (8, 0)
             and nvrtc.available())
 
 
@@ -45,26 +45,21 @@ def defines(dtype: torch.dtype, rows_per_block: int, warps: int, gslabs: int, pe
             "HAS_PERM": perm, "PREFETCH": prefetch, "MINB": min_blocks, "PDL": pdl, "SWIGLU": swiglu}
 
 
-def _index(dev: torch.device) -> int:
-    return dev.index if dev.index is not None else torch.cuda.current_device()
-
-
 @lru_cache(maxsize=None)
-def _device(index: int) -> tuple[tuple[int, int], int]:
-    """(compute capability, dynamic shared memory a block may have) of a device, read once: calls are per launch."""
+def _shared_memory(index: int) -> int:
+    """The dynamic shared memory a block may have on a device, read once: calls are per launch."""
     props = torch.cuda.get_device_properties(index)
-    shared = int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)) - 64  # the kernel's static `last`
-    return (props.major, props.minor), shared
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)) - 64  # the kernel's static `last`
 
 
 @lru_cache(maxsize=None)
 def _kernel(device: int, key: tuple):
     from . import nvrtc
 
-    (major, minor), shared = _device(device)
+    major, minor = capability(torch.device("cuda", device))
     cubin, _ = nvrtc.compile_cubin(SOURCE.read_text(), "qmm_mma", major * 10 + minor, dict(key))
     with torch.cuda.device(device):
-        return nvrtc.Kernel(cubin, "qmm_mma", shared)
+        return nvrtc.Kernel(cubin, "qmm_mma", _shared_memory(device))
 
 
 def shared_bytes(m: int, tiles_per_split: int, rows_per_block: int, warps: int) -> int:
@@ -89,12 +84,11 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
         raise ValueError("the kernel reads 16-byte words and 8-byte scale groups: qweight, scales and zeros must be "
                          "aligned to them")
     smem = shared_bytes(m, per_split, rows_per_block, warps)
-    capability, shared = _device(_index(dev))
-    if smem > shared:
+    if smem > _shared_memory(device_index(dev)):
         raise ValueError(f"{smem} bytes of shared memory: more than the device allows (split the input further)")
     key = tuple(sorted(defines(x2.dtype, rows_per_block, warps, group_slabs(kw), kw.perm is not None,
                                prefetch, min_blocks, pdl, swiglu).items()))
-    kernel = _kernel(_index(dev), key)
+    kernel = _kernel(device_index(dev), key)
     out = torch.empty(m, n, dtype=x2.dtype, device=dev)
     col_blocks, m_blocks = -(-n // BLOCK_COLUMNS), -(-m // rows_per_block)
     ws, count = workspace(m * n, m_blocks * col_blocks) if split > 1 else (out, kw.qweight)
@@ -107,7 +101,7 @@ def quant_matmul(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, 
             ptr(bias if bias is not None else kw.scales), ptr(out), ptr(ws), ptr(count)]
     args += [ctypes.c_int(v) for v in (m, n, k, kw.scales.shape[0], per_split, x2.stride(0), out.stride(0),
                                        bias is not None, xvec)]
-    if pdl and capability < (9, 0):
+    if pdl and capability(dev) < (9, 0):
         raise ValueError("programmatic dependent launch needs compute capability 9.0")
     # A PDL variant launched plainly (COMPRESSOR_CUDA_PDL=0 after tuning) is correct: its wait returns at once.
     kernel((col_blocks, split, m_blocks), warps * 32, smem, args, pdl=pdl and pdl_allowed(dev))

@@ -22,6 +22,15 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, read once per device (launches ask for it)."""
+    return _capability(device_index(device))
+
+
 def nvidia(device: torch.device) -> bool:
     """A CUDA device of NVIDIA's, where kernels may carry PTX (ROCm builds of PyTorch call AMD GPUs "cuda" too)."""
     return device.type == "cuda" and torch.version.hip is None
@@ -31,7 +40,7 @@ def allowed(device: torch.device) -> bool:
     """Whether launches on `device` may be programmatic dependent launches."""
     if not nvidia(device) or os.environ.get("COMPRESSOR_CUDA_PDL", "1") == "0":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return capability(device) >= (9, 0)
 
 
 if importlib.util.find_spec("triton") is not None:
