@@ -601,16 +601,16 @@ def _gemv(x2: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None, cfg: Co
     blocks = triton.cdiv(n, cfg.block_n)
     ws, count = _workspace(x2.device, m * n, m * blocks) if split > 1 else (out, kw.qweight)
     on = pdl.allowed(x2.device)
+    half2, slabs = half2_applies(cfg, kw.bits, x2.dtype), group_slabs(kw)
     _gemv_kernel[(m, blocks, split)](
         x2, kw.qweight, kw.scales, kw.zeros, kw.perm if kw.perm is not None else kw.qweight,
         bias if bias is not None else kw.scales, out, ws, count,
         m, n, k, kw.group_size, per_split, x2.stride(0), out.stride(0),
         # Unmasked activation loads only where every program's tiles lie inside K: the last split may run past the end.
-        BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=group_slabs(kw),
+        BITS=kw.bits, SUBR=SUB, BLOCK_N=cfg.block_n, GROUP_SLABS=slabs,
         EVEN_K=k % kw.rows_per_tile == 0 and (k // kw.rows_per_tile) % per_split == 0,
         HAS_PERM=kw.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        HALF2=half2_applies(cfg, kw.bits, x2.dtype), ASM=pdl.nvidia(x2.device), PDL=on,
-        AHEAD=cfg.ahead and half2_applies(cfg, kw.bits, x2.dtype) and group_slabs(kw) >= 4, SWIGLU=swiglu,
+        HALF2=half2, ASM=pdl.nvidia(x2.device), PDL=on, AHEAD=cfg.ahead and half2 and slabs >= 4, SWIGLU=swiglu,
         num_warps=cfg.num_warps, num_stages=1, launch_pdl=on)
     return out
 
